@@ -1,0 +1,19 @@
+"""hubprune: drop the layers a causal LM does not need, heal it, and ship it."""
+
+__version__ = "0.1.0"
+
+from hubprune.config import CalibrationConfig, PruneConfig, Recipe
+from hubprune.pruner import LayerPruner, PrunedModel
+from hubprune.record import PruneRecord
+from hubprune.scan import ScanResult
+
+__all__ = [
+    "CalibrationConfig",
+    "LayerPruner",
+    "PruneConfig",
+    "PruneRecord",
+    "PrunedModel",
+    "Recipe",
+    "ScanResult",
+    "__version__",
+]

