@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+    if getattr(args, "quiet", False):
+        import huggingface_hub
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:

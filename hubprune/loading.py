@@ -132,6 +132,13 @@ def check_causal_lm(name: str, **kwargs) -> None:
     family_of(config)
 
 
+def num_layers_of(name: str, **kwargs) -> int:
+    """The number of decoder layers a model folder or Hub id declares, read from its config only."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, **kwargs).num_hidden_layers
+
+
 def gguf_to_folder(path: Path) -> Path:
     """Dequantize a GGUF file once into a cached transformers folder (float32 safetensors)."""
     stat = path.stat()
@@ -212,8 +219,8 @@ def _load_folder(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"cannot load the model in {name}: {_first_line(err)}") from None
+    except Exception as err:  # damaged files raise many types (SafetensorError, OSError, ...)
+        raise ValueError(f"cannot load the model in {name}: {type(err).__name__}: {_first_line(err)}") from None
     return model, tokenizer
 
 

@@ -13,7 +13,7 @@ from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.config import CalibrationConfig, PruneConfig, Recipe
 from hubprune.families import decoder_layers
 from hubprune.io import atomic_output
-from hubprune.loading import DEFAULT_MODEL, ModelOrigin, load_model
+from hubprune.loading import DEFAULT_MODEL, ModelOrigin, load_model, locate, num_layers_of, resolve_device, resolve_dtype
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
 from hubprune.surgery import check_layers, drop_layers
@@ -187,13 +187,20 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     """
     from hubprune.io import check_output
 
+    # Everything that can be checked before the slow part is.
     if recipe.output:
-        check_output(recipe.output, overwrite=recipe.overwrite)  # fail before the slow part
-    pruner = LayerPruner.from_pretrained(
-        recipe.model, revision=recipe.revision, gguf_file=recipe.gguf_file, dtype=recipe.dtype,
-        device=recipe.device, trust_remote_code=recipe.trust_remote_code,
-    )
+        check_output(recipe.output, overwrite=recipe.overwrite)
     p = recipe.prune
+    load_options = {"revision": recipe.revision, "gguf_file": recipe.gguf_file, "dtype": recipe.dtype,
+                    "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
+    resolve_dtype(recipe.dtype), resolve_device(recipe.device)
+    folder, _ = locate(recipe.model, revision=recipe.revision, gguf_file=recipe.gguf_file,
+                       trust_remote_code=recipe.trust_remote_code)
+    num_layers = num_layers_of(folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
+    p.count(num_layers)
+    if p.layers is not None:
+        check_layers(p.layers, num_layers)
+    pruner = LayerPruner.from_pretrained(recipe.model, **load_options)
     if p.layers is None:
         loss_sizes = [p.count(pruner.num_layers)] if p.metric == "perplexity" else []
         pruner.scan(recipe.calibration, loss_block_sizes=loss_sizes, progress=progress)
