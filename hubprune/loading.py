@@ -177,10 +177,11 @@ def _locate_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> 
     offline = constants.HF_HUB_OFFLINE or not hub_reachable()
     fallback = OFFLINE_FALLBACKS.get(repo_id)
     if offline and fallback and revision is None:
-        folder = gguf_to_folder(_fallback_file(fallback))
+        file = _fallback_file(fallback)
+        folder = gguf_to_folder(file)
         note = f"offline copy: {fallback[2]} from the {fallback[0]} package ({_version(fallback[0])}), dequantized"
         logger.info("the Hub is not reachable; using %s", note)
-        return str(folder), ModelOrigin(repo_id, None, "gguf", str(folder), note)
+        return str(folder), ModelOrigin(repo_id, _sha256_prefix(file), "gguf", str(folder), note)
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": offline}
     try:
         check_causal_lm(repo_id, **kwargs)

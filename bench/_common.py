@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmarks: a peak-memory sampler and a repeat-and-take-the-median timer."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import psutil
+import torch
+
+
+class PeakMemory:
+    """Peak resident memory (CPU) or peak allocated memory (CUDA) above the level at entry, in MiB."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mib = device, 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._process, self._stop = psutil.Process(), threading.Event()
+        self._base = self._peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = (self._peak - self._base) / 2**20
+
+
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
