@@ -69,11 +69,14 @@ def default_corpus(name: str = "wiki", split: str = "calibration") -> list[str]:
     return [doc for i, doc in enumerate(docs) if min(i % 10, 2) == index]
 
 
-def load_texts(source: Any = None, config: CalibrationConfig | None = None) -> tuple[list[str], str]:
+def load_texts(
+    source: Any = None, config: CalibrationConfig | None = None, corpus_split: str = "calibration"
+) -> tuple[list[str], str]:
     """Resolve a text source to ``(documents, description)``.
 
     ``source`` may be None (use ``config``), a list of strings, a path or list of paths to
-    text files, a ``datasets.Dataset``, or a ``CalibrationConfig``.
+    text files, a ``datasets.Dataset``, or a ``CalibrationConfig``. ``corpus_split`` is the
+    split of the default corpus used when nothing else is given.
     """
     config = config or CalibrationConfig()
     if isinstance(source, CalibrationConfig):
@@ -86,7 +89,7 @@ def load_texts(source: Any = None, config: CalibrationConfig | None = None) -> t
         elif config.dataset is not None:
             return _dataset_texts(config.dataset, config), f"dataset {config.dataset}"
         else:
-            return default_corpus(config.corpus, "calibration"), f"{config.corpus} corpus (calibration split)"
+            return default_corpus(config.corpus, corpus_split), f"{config.corpus} corpus ({corpus_split} split)"
     if isinstance(source, (str, Path)) and Path(source).is_file():
         source = [Path(source)]
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, Path) for s in source):
@@ -136,13 +139,28 @@ def token_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int, sou
     return TokenWindows(rows, used, source)
 
 
-def calibration_windows(tokenizer, source: Any = None, config: CalibrationConfig | None = None) -> TokenWindows:
+def calibration_windows(
+    tokenizer, source: Any = None, config: CalibrationConfig | None = None, corpus_split: str = "calibration"
+) -> TokenWindows:
     """``load_texts`` then ``token_windows`` with the sizes of ``config``."""
     config = config if isinstance(config, CalibrationConfig) else CalibrationConfig()
     if isinstance(source, CalibrationConfig):
         config = source
-    texts, description = load_texts(source, config)
+    texts, description = load_texts(source, config, corpus_split)
     return token_windows(tokenizer, texts, config.n_samples, config.seq_len, description)
+
+
+def check_disjoint(first: list[str], second: list[str], what: str = "healing and evaluation text") -> None:
+    """Refuse two text sets that share a document (compared after whitespace normalisation)."""
+    def keys(texts):
+        return {hashlib.sha256(" ".join(t.split()).encode()).digest() for t in texts if t.strip()}
+
+    shared = len(keys(first) & keys(second))
+    if shared:
+        raise ValueError(
+            f"{what} overlap in {shared} document(s): evaluation would reward memorisation; "
+            "use disjoint sources (the default corpus's train and heldout splits are disjoint)"
+        )
 
 
 def _split_documents(text: str) -> list[str]:

@@ -133,6 +133,65 @@ class PruneConfig:
         return n
 
 
+HEAL_METHODS = ("lora", "qlora")
+
+
+@dataclass
+class HealConfig:
+    """How to heal a pruned model: LoRA (or 4-bit QLoRA) on the kept layers, optionally distilled.
+
+    ``distill`` is the weight of the KL term between the original model's and the pruned
+    model's token distributions (0: language-modelling loss only; 1: distillation only).
+    ``data`` names the healing text; with no texts, files or dataset it is the default
+    corpus's *train* split, which never overlaps its calibration or held-out splits (its
+    ``seq_len`` and ``n_samples`` are not used: ``steps`` decides how much text is read).
+    The adapter is merged into a plain checkpoint; ``keep_adapter`` also saves it.
+
+    Example (YAML)::
+
+        heal:
+          steps: 300
+          distill: 0.5
+          lora_r: 16
+    """
+
+    method: str = "lora"
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    learning_rate: float = 2e-4
+    warmup_steps: int = 10
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    distill: float = 0.0
+    temperature: float = 1.0
+    data: CalibrationConfig = field(default_factory=CalibrationConfig)
+    checkpoint_every: int = 50
+    keep_adapter: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in HEAL_METHODS:
+            raise ValueError(f"heal.method {self.method!r} is unknown; choose one of {', '.join(HEAL_METHODS)}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"heal.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"heal.warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"heal.learning_rate must lie in (0, 1), got {self.learning_rate}")
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"heal.distill is a loss weight in [0, 1], got {self.distill}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"heal.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.temperature <= 0:
+            raise ValueError(f"heal.temperature must be positive, got {self.temperature}")
+
+
 @dataclass
 class Recipe:
     """One pruning run: the model, its calibration, what to drop, and where to write it.
@@ -148,6 +207,7 @@ class Recipe:
     device: str = "auto"
     trust_remote_code: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    heal: HealConfig | None = None
     output: str | None = None
     overwrite: bool = False
 

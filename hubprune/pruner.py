@@ -5,18 +5,20 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from hubprune.calibration import TokenWindows, calibration_windows
-from hubprune.config import CalibrationConfig, PruneConfig, Recipe
-from hubprune.families import decoder_layers
+from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
+from hubprune.families import decoder_layers, family_of
 from hubprune.io import atomic_output
 from hubprune.loading import DEFAULT_MODEL, ModelOrigin, load_model, locate, num_layers_of, resolve_device, resolve_dtype
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
-from hubprune.surgery import check_layers, drop_layers
+from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ class LayerPruner:
         record = self._record(pruned, removed, "explicit" if layers is not None else metric)
         recipe = Recipe(model=self.origin.base_model, prune=config, calibration=self.calibration or CalibrationConfig(),
                         **{k: v for k, v in self.load_options.items() if k != "gguf_file" or self.origin.kind != "gguf"})
-        return PrunedModel(pruned, self.tokenizer, record, recipe, self.scan_result)
+        return PrunedModel(pruned, self.tokenizer, record, recipe, self.scan_result, base=self.model)
 
     def _record(self, pruned, removed: list[int], metric: str) -> PruneRecord:
         from hubprune import __version__
@@ -150,14 +152,61 @@ class LayerPruner:
 
 
 class PrunedModel:
-    """A pruned model with its tokenizer, record and recipe; saves as a plain transformers folder."""
+    """A pruned model with its tokenizer, record and recipe; saves as a plain transformers folder.
 
-    def __init__(self, model, tokenizer, record: PruneRecord, recipe: Recipe, scan: ScanResult | None = None):
+    ``base`` is the unpruned original when it is in memory (the teacher for distillation).
+    """
+
+    def __init__(self, model, tokenizer, record: PruneRecord, recipe: Recipe, scan: ScanResult | None = None,
+                 base=None, adapter_dir: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.record = record
         self.recipe = recipe
         self.scan = scan
+        self.base = base
+        self._adapter = tempfile.TemporaryDirectory(prefix="hubprune-adapter-") if adapter_dir is None else None
+        self.adapter_dir = adapter_dir
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32", device: str = "auto") -> PrunedModel:
+        """Load a folder written by ``save_pretrained`` (model, tokenizer, record, recipe, scan)."""
+        from hubprune.record import RECORD_FILE
+
+        folder = Path(folder)
+        if not (folder / RECORD_FILE).is_file():
+            raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: give a folder written by hubprune prune")
+        model, tokenizer, _ = load_model(folder, dtype=dtype, device=device)
+        record = PruneRecord.load(folder)
+        recipe = Recipe.load(folder / RECIPE_FILE) if (folder / RECIPE_FILE).is_file() else None
+        scan = ScanResult.load(folder / SCAN_FILE) if (folder / SCAN_FILE).is_file() else None
+        adapter = folder / "adapter"
+        return cls(model, tokenizer, record, recipe, scan, adapter_dir=str(adapter) if adapter.is_dir() else None)
+
+    def heal(self, config: HealConfig | None = None, *, data: Any = None, eval_texts: list[str] | None = None,
+             teacher=None, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+             **options: Any) -> PrunedModel:
+        """A healed copy: LoRA on the kept layers (plus distillation from the original if ``distill`` > 0).
+
+        ``options`` override fields of ``config`` (``steps=300, distill=0.5``, ...). This
+        object is left unhealed. Example: ``healed = pruned.heal(steps=300, distill=0.5)``
+        """
+        from hubprune.heal import heal_model, unshare_targets
+
+        config = replace(config or HealConfig(), **options)
+        teacher = teacher if teacher is not None else self.base
+        student = copy_sharing_weights(self.model)
+        unshare_targets(student, list(config.target_modules or family_of(student).lora_targets))
+        healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
+        adapter_dir = healed._adapter.name if config.keep_adapter else None
+        model, report = heal_model(student, self.tokenizer, config, teacher=teacher, data=data, eval_texts=eval_texts,
+                                   checkpoint_dir=checkpoint_dir, adapter_dir=adapter_dir, progress=progress)
+        healed.model, healed.adapter_dir = model, adapter_dir
+        healed.record = replace(self.record, healing=report.to_dict(),
+                                parameters_after=count_parameters(model))
+        if self.recipe is not None:
+            healed.recipe = replace(self.recipe, heal=replace(config, data=_replayable(data, config.data, None)))
+        return healed
 
     def save_pretrained(self, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
         """Write weights (safetensors), config, tokenizer, record, recipe and scan to ``out``, atomically."""
@@ -166,18 +215,22 @@ class PrunedModel:
             self.model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             self.record.save(tmp)
-            replace(self.recipe, output=str(out)).save(tmp / RECIPE_FILE)
+            if self.recipe is not None:
+                replace(self.recipe, output=str(out), overwrite=False).save(tmp / RECIPE_FILE)
             if self.scan is not None:
                 self.scan.save(tmp / SCAN_FILE)
                 if plot:
                     self.scan.plot(tmp / PLOT_FILE)
+            if self.adapter_dir:
+                shutil.copytree(self.adapter_dir, tmp / "adapter")
         logger.info("saved the pruned model to %s", out)
         return Path(out)
 
     def __repr__(self) -> str:
         r = self.record
+        healed = f", healed ({r.healing['method']}, {r.healing['steps']} steps)" if r.healing else ""
         return (f"PrunedModel({r.base_model}: {r.base_num_layers} -> {r.num_layers} layers, "
-                f"removed {r.removed_layers}, {r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters)")
+                f"removed {r.removed_layers}, {r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters{healed})")
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, Path | None]:
@@ -206,9 +259,22 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         pruner.scan(recipe.calibration, loss_block_sizes=loss_sizes, progress=progress)
     pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
     pruned.recipe = replace(recipe, output=None, overwrite=False)
+    if recipe.heal is not None:
+        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), progress=progress)
     if recipe.output is None:
         return pruned, None
-    return pruned, pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)
+    out = pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)
+    if recipe.heal is not None:
+        shutil.rmtree(_checkpoint_dir(recipe.output), ignore_errors=True)
+    return pruned, out
+
+
+def _checkpoint_dir(output: str | None) -> Path | None:
+    # Healing checkpoints live beside the output folder (which is only written at the end).
+    if output is None:
+        return None
+    out = Path(output).expanduser()
+    return out.parent / f".{out.name}.heal-checkpoints"
 
 
 def count_parameters(model) -> int:
@@ -216,11 +282,11 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _replayable(source: Any, config: CalibrationConfig, windows: TokenWindows) -> CalibrationConfig:
-    # The calibration as a recipe can replay it: in-memory text is kept (only the documents used).
+def _replayable(source: Any, config: CalibrationConfig, windows: TokenWindows | None) -> CalibrationConfig:
+    # The text source as a recipe can replay it: in-memory text is kept (only the documents used).
     if source is None or isinstance(source, CalibrationConfig):
-        return config
+        return source or config
     if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], Path)):
         files = [str(source)] if isinstance(source, (str, Path)) else [str(p) for p in source]
         return replace(config, files=files)
-    return replace(config, texts=list(windows.texts))
+    return replace(config, texts=list(windows.texts) if windows is not None else list(source))

@@ -30,6 +30,8 @@ class PruneRecord:
     parameters_before: int = 0
     parameters_after: int = 0
     config_updates: list[str] = field(default_factory=list)
+    healing: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
     origin: dict = field(default_factory=dict)
     hubprune_version: str = ""
     created: str = ""

@@ -61,7 +61,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     kept = [i for i in range(num_layers) if i not in set(removed)]
     _refuse_index_dependent_layers(model.config, kept)
 
-    pruned = _copy_sharing_weights(model)
+    pruned = copy_sharing_weights(model)
     old = decoder_layers(pruned)
     new = nn.ModuleList([old[i] for i in kept])
     for position, layer in enumerate(new):
@@ -103,7 +103,7 @@ def _refuse_index_dependent_layers(config, kept: list[int]) -> None:
         )
 
 
-def _copy_sharing_weights(model: nn.Module) -> nn.Module:
-    # deepcopy the module tree and config, but map every parameter and buffer to itself.
+def copy_sharing_weights(model: nn.Module) -> nn.Module:
+    """A copy of the module tree and config that shares every parameter and buffer with ``model``."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)

@@ -1,0 +1,263 @@
+"""Heal a pruned model: LoRA (or 4-bit QLoRA) on the kept layers, optionally distilled.
+
+The loss is ``(1 - distill) * LM + distill * T^2 * KL(teacher || student)`` on the token
+distributions at temperature T; the teacher (the unpruned original) runs once per batch
+without gradients. Training runs on one device or, under ``accelerate launch``, on
+several (gradients all-reduced, each process reading its own share of every batch).
+Checkpoints (the LoRA weights, optimizer, scheduler and step) are written atomically
+every ``checkpoint_every`` steps; a rerun with the same config resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hubprune.calibration import TokenWindows, calibration_windows, check_disjoint
+from hubprune.config import HealConfig
+from hubprune.families import family_of
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "heal_checkpoint.pt"
+
+
+@dataclass
+class HealReport:
+    """What healing did: steps, tokens, speed, losses, and the text it read."""
+
+    method: str
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    first_loss: float
+    final_loss: float
+    resumed_from: int = 0
+    data: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heal_model(
+    model: nn.Module,
+    tokenizer,
+    config: HealConfig,
+    *,
+    teacher: nn.Module | None = None,
+    data: Any = None,
+    eval_texts: list[str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, HealReport]:
+    """Train LoRA adapters on ``model``'s kept layers, merge them, and return the healed model.
+
+    ``model`` is changed in place (wrap a copy if the original must survive). ``data``: a
+    list of strings, file path(s), a ``datasets.Dataset``, or None for ``config.data``.
+    ``eval_texts``: the evaluation text, refused if it shares a document with the healing text.
+
+    Example: ``healed, report = heal_model(pruned.model, tok, HealConfig(steps=100, distill=0.5), teacher=original)``
+    """
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    if config.distill > 0 and teacher is None:
+        raise ValueError("heal.distill > 0 needs the original model as teacher; pass teacher= or set distill: 0")
+    if config.method == "qlora":
+        _require_qlora()
+    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    windows = _healing_windows(tokenizer, config, data, world)
+    if eval_texts is not None:
+        check_disjoint(windows.texts, eval_texts)
+
+    targets = list(config.target_modules or family_of(model).lora_targets)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    student = _quantized_copy(model) if config.method == "qlora" else model
+    student.config.use_cache = False
+    peft_model = get_peft_model(student, lora)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
+    # The scheduler is not prepared: accelerate would step it once per process.
+    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
+
+    key = _config_key(config, model, windows)
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    start, losses = 0, []
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state["key"] != key:
+            raise ValueError(f"the checkpoint in {checkpoint.parent} was made by a different heal config or model; "
+                             "rerun with the same settings, or delete that folder to start over")
+        set_peft_model_state_dict(accelerator.unwrap_model(peft_model), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, losses = state["step"], state["losses"]
+        logger.info("resuming healing from step %d of %d (%s)", start, config.steps, checkpoint)
+
+    peft_model.train()
+    tokens_per_step = config.batch_size * config.grad_accum * world * windows.ids.size(1)
+    bar = tqdm(total=config.steps, initial=start, desc=f"heal ({config.method}"
+               f"{', distill' if config.distill else ''})", unit="step",
+               disable=not progress or not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for step in range(start, config.steps):
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            batch = _batch(windows.ids, step * config.grad_accum + micro, config, rank, world).to(accelerator.device)
+            with accelerator.accumulate(peft_model):
+                loss = _loss(peft_model, teacher, batch, config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            step_loss += loss.item() / config.grad_accum
+        losses.append(float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean")))
+        elapsed = time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}")
+        if checkpoint is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            if accelerator.is_main_process:
+                _save_checkpoint(checkpoint, {
+                    "key": key, "step": step + 1, "losses": losses, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "lora": get_peft_model_state_dict(accelerator.unwrap_model(peft_model)),
+                })
+            accelerator.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    peft_model = accelerator.unwrap_model(peft_model)
+    if adapter_dir is not None and accelerator.is_main_process:
+        peft_model.save_pretrained(adapter_dir)
+    if config.method == "qlora":  # merge into the full-precision weights, not the 4-bit ones
+        adapter = get_peft_model_state_dict(peft_model)
+        peft_model = get_peft_model(model, lora)
+        set_peft_model_state_dict(peft_model, adapter)
+    healed = peft_model.merge_and_unload()
+    healed.config.use_cache = True
+    healed.eval().requires_grad_(False)
+    done = config.steps - start
+    report = HealReport(
+        method=config.method + ("+distill" if config.distill else ""), steps=config.steps,
+        tokens=config.steps * tokens_per_step, seconds=round(seconds, 1),
+        tokens_per_second=round(done * tokens_per_step / seconds, 1) if done else 0.0,
+        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+        resumed_from=start, config=asdict(replace(config, data=None)),
+        data={"source": windows.source, "windows": len(windows.ids), "tokens": windows.num_tokens,
+              "fingerprint": windows.fingerprint()},
+    )
+    return healed, report
+
+
+def unshare_targets(model: nn.Module, targets: list[str]) -> None:
+    """Give the LoRA target weights of ``model`` their own storage (merging writes into them)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            for pname, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[pname] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+
+
+def _loss(model, teacher, batch: torch.Tensor, config: HealConfig) -> torch.Tensor:
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
+    lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    if not config.distill:
+        return lm
+    with torch.no_grad():
+        target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    t = config.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
+    kl = kl.sum(-1).mean() * t * t
+    return (1 - config.distill) * lm + config.distill * kl
+
+
+def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int) -> TokenWindows:
+    needed = config.steps * config.batch_size * config.grad_accum * world
+    sizes = replace(config.data, n_samples=needed, seq_len=config.seq_len)
+    windows = calibration_windows(tokenizer, data, sizes, corpus_split="train")
+    if len(windows.ids) < needed:
+        logger.info("healing text fills %d windows; %d steps read it %.1f times",
+                    len(windows.ids), config.steps, needed / len(windows.ids))
+    return windows
+
+
+def _batch(ids: torch.Tensor, index: int, config: HealConfig, rank: int, world: int) -> torch.Tensor:
+    # Global micro-batch `index` is windows [index*B*world, (index+1)*B*world) of a seeded
+    # permutation per epoch; this process takes its B of them. Pure function of index: resumable.
+    n, size = len(ids), config.batch_size * world
+    positions = [index * size + rank * config.batch_size + i for i in range(config.batch_size)]
+    rows = []
+    for position in positions:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+        rows.append(order[offset])
+    return ids[torch.stack(rows)]
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _config_key(config: HealConfig, model: nn.Module, windows: TokenWindows) -> str:
+    text = json.dumps([asdict(replace(config, checkpoint_every=1, keep_adapter=False)),
+                       model.config.to_dict(), windows.fingerprint()], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
+        torch.save(state, f)
+    os.replace(f.name, path)
+
+
+def _require_qlora() -> None:
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("heal.method qlora needs a CUDA GPU and the bitsandbytes package; "
+                         "use method: lora here (or install bitsandbytes on a GPU machine)")
+
+
+def _quantized_copy(model: nn.Module) -> nn.Module:
+    # QLoRA: reload the (pruned) weights in 4-bit NF4 with bf16 compute, ready for k-bit training.
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        device = torch.cuda.current_device()
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, device_map={"": device})
+    return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True)
