@@ -2,6 +2,7 @@
 
     hubprune scan MODEL [--out scan.json] [--plot scan.png]
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
+    hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
     hubprune run recipe.yaml
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from hubprune import __version__
-from hubprune.config import METRICS, CalibrationConfig, PruneConfig, Recipe
+from hubprune.config import METRICS, CalibrationConfig, HealConfig, PruneConfig, Recipe
 
 logger = logging.getLogger("hubprune")
 
@@ -80,6 +82,35 @@ def cmd_run(args) -> int:
     if args.overwrite:
         recipe.overwrite = True
     return _run(recipe, quiet=args.quiet)
+
+
+def cmd_heal(args) -> int:
+    from hubprune.io import check_output
+    from hubprune.loading import load_model
+    from hubprune.pruner import PrunedModel, _checkpoint_dir
+
+    check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
+    config = HealConfig(
+        method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seq_len=args.seq_len, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+        distill=args.distill, keep_adapter=args.keep_adapter,
+        data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
+    )
+    pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
+    teacher = None
+    if config.distill > 0:
+        r = pruned.record
+        revision = r.base_revision if r.origin.get("kind") == "hub" else None
+        logger.info("loading the original model %s as the distillation teacher", r.base_model)
+        teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
+    checkpoints = _checkpoint_dir(args.out)
+    healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, progress=not args.quiet)
+    healed.save_pretrained(args.out, overwrite=args.overwrite)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    h = healed.record.healing
+    print(f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
+          f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}")
+    return 0
 
 
 def _run(recipe: Recipe, quiet: bool) -> int:
@@ -155,6 +186,25 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--metric", default="angular_last", choices=METRICS)
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
+
+    heal = sub.add_parser("heal", parents=[common], help="heal a pruned folder with LoRA (and distillation)")
+    heal.add_argument("folder", help="a folder written by hubprune prune")
+    heal.add_argument("--out", required=True, help="output folder for the healed model")
+    heal.add_argument("--method", default="lora", choices=["lora", "qlora"])
+    heal.add_argument("--steps", type=int, default=200)
+    heal.add_argument("--batch-size", type=int, default=4)
+    heal.add_argument("--grad-accum", type=int, default=1)
+    heal.add_argument("--seq-len", type=int, default=256)
+    heal.add_argument("--lr", type=float, default=2e-4)
+    heal.add_argument("--lora-r", type=int, default=8)
+    heal.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the original, in [0, 1]")
+    heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
+    heal.add_argument("--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)")
+    heal.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
+    heal.add_argument("--corpus", default="wiki")
+    heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    heal.add_argument("--device", default="auto")
+    heal.set_defaults(func=cmd_heal)
 
     run = sub.add_parser("run", parents=[common], help="carry out a recipe YAML")
     run.add_argument("recipe", help="recipe YAML file")

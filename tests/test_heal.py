@@ -1,0 +1,92 @@
+"""Healing on a tiny model: merged plain checkpoint, untouched sources, exact resume, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from hubprune import LayerPruner
+from hubprune.config import HealConfig
+from hubprune.heal import CHECKPOINT_FILE
+
+FAST = dict(steps=6, batch_size=2, seq_len=32, learning_rate=1e-2, warmup_steps=0, checkpoint_every=3)
+
+
+@pytest.fixture()
+def pruned(tiny_model_dir):
+    pruner = LayerPruner.from_pretrained(tiny_model_dir, device="cpu")
+    return pruner.prune(layers=[2, 3])
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_heal_returns_a_merged_copy_and_leaves_sources_alone(pruned, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, before = _state(pruned.base), _state(pruned.model)
+    healed = pruned.heal(HealConfig(**FAST, distill=0.5), progress=False)
+    for k, v in _state(pruned.base).items():
+        torch.testing.assert_close(v, base[k], rtol=0, atol=0)
+    for k, v in _state(pruned.model).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    changed = [k for k, v in _state(healed.model).items() if not torch.equal(v, before[k])]
+    assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) for k in changed)
+    assert not any("lora" in k for k in healed.model.state_dict())
+    report = healed.record.healing
+    assert report["steps"] == 6 and report["tokens"] == 6 * 2 * 32 and report["method"] == "lora+distill"
+    assert report["data"]["source"] == "wiki corpus (train split)"
+    out = healed.save_pretrained(tmp_path / "healed")
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(reloaded(ids).logits, healed.model(ids).logits)
+    assert json.loads((out / "hubprune.json").read_text())["healing"]["steps"] == 6
+
+
+def test_rerun_resumes_from_the_checkpoint_exactly(pruned, tmp_path):
+    config = HealConfig(**FAST)
+    first = pruned.heal(config, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / CHECKPOINT_FILE).is_file()  # written at step 3 of 6
+    second = pruned.heal(config, checkpoint_dir=tmp_path, progress=False)
+    assert second.record.healing["resumed_from"] == 3
+    for k, v in _state(second.model).items():
+        torch.testing.assert_close(v, first.model.state_dict()[k])
+    with pytest.raises(ValueError, match="different heal config"):
+        pruned.heal(HealConfig(**{**FAST, "learning_rate": 5e-3}), checkpoint_dir=tmp_path, progress=False)
+
+
+def test_refusals(pruned):
+    from hubprune.calibration import default_corpus
+
+    train = default_corpus("wiki", "train")
+    with pytest.raises(ValueError, match="overlap in 1 document"):
+        pruned.heal(HealConfig(**FAST), eval_texts=["an unrelated text", train[0]], progress=False)
+    orphan = type(pruned)(pruned.model, pruned.tokenizer, pruned.record, pruned.recipe)
+    with pytest.raises(ValueError, match="needs the original model as teacher"):
+        orphan.heal(HealConfig(**FAST, distill=0.5), progress=False)
+    with pytest.raises(ValueError, match="heal.distill is a loss weight in"):
+        HealConfig(distill=1.5)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
+            pruned.heal(HealConfig(**FAST, method="qlora"), progress=False)
+
+
+def test_cli_heal_with_distillation_and_adapter(tiny_model_dir, tmp_path, capsys):
+    from hubprune.cli import main
+
+    assert main(["prune", str(tiny_model_dir), "--layers", "1,2", "--out", str(tmp_path / "p"), "-q",
+                 "--n-samples", "2", "--seq-len", "16"]) == 0
+    rc = main(["heal", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--steps", "4", "--batch-size", "2",
+               "--seq-len", "32", "--distill", "0.5", "--keep-adapter", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert "healed 4 steps (lora+distill)" in capsys.readouterr().out
+    assert (tmp_path / "h" / "adapter" / "adapter_config.json").is_file()
+    record = json.loads((tmp_path / "h" / "hubprune.json").read_text())
+    assert record["removed_layers"] == [1, 2] and record["healing"]["steps"] == 4
+    assert not list(tmp_path.glob(".h.heal-checkpoints"))
+    assert main(["heal", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--steps", "4", "-q"]) == 2
+    assert "already exists" in capsys.readouterr().err
