@@ -105,6 +105,10 @@ def cmd_heal(args) -> int:
         teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
     checkpoints = _checkpoint_dir(args.out)
     healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, progress=not args.quiet)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch, one process writes
+        return 0
     healed.save_pretrained(args.out, overwrite=args.overwrite)
     shutil.rmtree(checkpoints, ignore_errors=True)
     h = healed.record.healing

@@ -81,7 +81,9 @@ def heal_model(
         raise ValueError("heal.distill > 0 needs the original model as teacher; pass teacher= or set distill: 0")
     if config.method == "qlora":
         _require_qlora()
-    accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum)
+    # cpu=True lets `accelerate launch --multi_gpu --num_processes N` (or torchrun) train on N CPU processes.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=config.grad_accum)
     world, rank = accelerator.num_processes, accelerator.process_index
     windows = _healing_windows(tokenizer, config, data, world)
     if eval_texts is not None:
@@ -92,6 +94,7 @@ def heal_model(
                       target_modules=targets, task_type="CAUSAL_LM")
     student = _quantized_copy(model) if config.method == "qlora" else model
     student.config.use_cache = False
+    torch.manual_seed(config.seed)  # the LoRA initialisation; the data order has its own generator
     peft_model = get_peft_model(student, lora)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)

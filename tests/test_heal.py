@@ -90,3 +90,33 @@ def test_cli_heal_with_distillation_and_adapter(tiny_model_dir, tmp_path, capsys
     assert not list(tmp_path.glob(".h.heal-checkpoints"))
     assert main(["heal", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--steps", "4", "-q"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch_equal_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """accelerate launch --multi_gpu on a CPU machine: 2 gloo processes x batch 2 == 1 process x batch 4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from hubprune.cli import main
+
+    assert main(["prune", str(tiny_model_dir), "--layers", "1,2", "--out", str(tmp_path / "p"), "-q",
+                 "--n-samples", "2", "--seq-len", "16"]) == 0
+    heal = ["heal", str(tmp_path / "p"), "--steps", "3", "--seq-len", "32", "--lr", "0.01", "-q"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hubprune.cli", *heal,
+                             "--batch-size", "2", "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert main([*heal, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / d / "hubprune.json").read_text())["healing"] for d in ("two", "one"))
+    assert two["tokens"] == one["tokens"] == 3 * 4 * 32
+    assert two["data"]["fingerprint"] == one["data"]["fingerprint"]
+    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
