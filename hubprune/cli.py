@@ -3,6 +3,7 @@
     hubprune scan MODEL [--out scan.json] [--plot scan.png]
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
     hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
+    hubprune push DIR user/name [--private] [--create-pr]
     hubprune run recipe.yaml
 """
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         huggingface_hub.utils.disable_progress_bars()
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
         print(f"hubprune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -114,6 +115,15 @@ def cmd_heal(args) -> int:
     h = healed.record.healing
     print(f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
           f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from hubprune.hub import push_folder
+
+    info = push_folder(args.folder, args.repo_id, private=args.private or None, token=args.token,
+                       create_pr=args.create_pr, commit_message=args.message, replace_readme=args.replace_readme)
+    print(f"pushed {args.folder} to {args.repo_id}: {info.pr_url or info.commit_url}")
     return 0
 
 
@@ -209,6 +219,16 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     heal.add_argument("--device", default="auto")
     heal.set_defaults(func=cmd_heal)
+
+    push = sub.add_parser("push", parents=[common], help="publish a pruned folder to the Hub in one commit")
+    push.add_argument("folder", help="a folder written by hubprune prune or heal")
+    push.add_argument("repo_id", help="user/name or org/name")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="a Hub write token (default: HF_TOKEN or the saved login); never printed")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--replace-readme", action="store_true", help="replace a README.md you edited with a fresh card")
+    push.set_defaults(func=cmd_push)
 
     run = sub.add_parser("run", parents=[common], help="carry out a recipe YAML")
     run.add_argument("recipe", help="recipe YAML file")

@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,6 +40,7 @@ class ModelOrigin:
     kind: str  # "hub", "local" or "gguf"
     path: str
     note: str | None = None
+    card: dict = field(default_factory=dict)  # the base's license, tags, language, pipeline_tag
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,13 +106,13 @@ def locate(source, *, revision=None, gguf_file=None, trust_remote_code=False) ->
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         folder = gguf_to_folder(path)
-        return str(folder), ModelOrigin(str(path), _sha256_prefix(path), "gguf", str(folder))
+        return str(folder), ModelOrigin(str(path), _sha256_prefix(path), "gguf", str(folder), card=_gguf_card(path))
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} is a file; give a transformers model folder, a .gguf file or a Hub id")
         _check_local_folder(path)
         check_causal_lm(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-        return str(path), ModelOrigin(str(path.resolve()), None, "local", str(path.resolve()))
+        return str(path), ModelOrigin(str(path.resolve()), None, "local", str(path.resolve()), card=_readme_card(path / "README.md"))
     if _looks_like_path(source):
         raise FileNotFoundError(f"{source} does not exist; give an existing folder, a .gguf file or a Hub id (org/name)")
     return _locate_hub(source, revision, trust_remote_code)
@@ -181,7 +182,7 @@ def _locate_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> 
         folder = gguf_to_folder(file)
         note = f"offline copy: {fallback[2]} from the {fallback[0]} package ({_version(fallback[0])}), dequantized"
         logger.info("the Hub is not reachable; using %s", note)
-        return str(folder), ModelOrigin(repo_id, _sha256_prefix(file), "gguf", str(folder), note)
+        return str(folder), ModelOrigin(repo_id, _sha256_prefix(file), "gguf", str(folder), note, _gguf_card(file))
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": offline}
     try:
         check_causal_lm(repo_id, **kwargs)
@@ -195,7 +196,15 @@ def _locate_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> 
     from transformers import AutoConfig
 
     commit = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "_commit_hash", None)
-    return repo_id, ModelOrigin(repo_id, commit or revision, "hub", repo_id)
+    card = {}
+    if not offline:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            card = _readme_card(Path(hf_hub_download(repo_id, "README.md", revision=commit or revision)))
+        except Exception as err:  # a repo without a card is fine
+            logger.info("no model card read from %s: %s", repo_id, _first_line(err))
+    return repo_id, ModelOrigin(repo_id, commit or revision, "hub", repo_id, card=card)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -223,6 +232,34 @@ def _load_folder(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool)
     except Exception as err:  # damaged files raise many types (SafetensorError, OSError, ...)
         raise ValueError(f"cannot load the model in {name}: {type(err).__name__}: {_first_line(err)}") from None
     return model, tokenizer
+
+
+_CARD_KEYS = ("license", "license_name", "license_link", "tags", "language", "pipeline_tag", "datasets")
+
+
+def _readme_card(path: Path) -> dict:
+    """The base model's card metadata that a pruned model inherits (license verbatim, tags, ...)."""
+    if not path.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(path).data.to_dict()
+    except Exception as err:  # a damaged card must not stop pruning
+        logger.warning("cannot read the model card %s: %s", path, _first_line(err))
+        return {}
+    return {k: data[k] for k in _CARD_KEYS if data.get(k)}
+
+
+def _gguf_card(path: Path) -> dict:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    card = {}
+    for key, name in (("general.license", "license"), ("general.languages", "language"), ("general.tags", "tags")):
+        if key in fields:
+            card[name] = fields[key].contents()
+    return card
 
 
 def _check_local_folder(path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hubprune.calibration import TokenWindows, calibration_windows
+from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
 from hubprune.families import decoder_layers, family_of
 from hubprune.io import atomic_output
@@ -223,8 +224,22 @@ class PrunedModel:
                     self.scan.plot(tmp / PLOT_FILE)
             if self.adapter_dir:
                 shutil.copytree(self.adapter_dir, tmp / "adapter")
+            write_card(tmp, repo_id=Path(out).name)
         logger.info("saved the pruned model to %s", out)
         return Path(out)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    create_pr: bool = False, commit_message: str | None = None):
+        """Save to a temporary folder and publish it to ``repo_id`` in one commit (see ``hubprune.hub``).
+
+        Example: ``pruned.push_to_hub("me/smollm2-24l", private=True)``
+        """
+        from hubprune.hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="hubprune-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / repo_id.rsplit("/", 1)[-1])
+            return push_folder(folder, repo_id, private=private, token=token, create_pr=create_pr,
+                               commit_message=commit_message)
 
     def __repr__(self) -> str:
         r = self.record

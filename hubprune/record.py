@@ -32,6 +32,7 @@ class PruneRecord:
     config_updates: list[str] = field(default_factory=list)
     healing: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    card_sha256: str = ""
     origin: dict = field(default_factory=dict)
     hubprune_version: str = ""
     created: str = ""

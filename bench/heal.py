@@ -1,0 +1,101 @@
+"""Healing speed against a plain peft LoRA training loop on the same model and batches.
+
+    .venv/bin/python bench/heal.py [--model MODEL] [--steps 8] [--drop 6] [--distill 0.5]
+
+Both sides train the same LoRA (r=8 on the family's projections) of the same pruned
+model on the same windows, batch 4 x 256, AdamW; the plain side is the loop a peft user
+writes by hand (``model(input_ids, labels=input_ids).loss.backward()``). Prints tokens/s
+of each, their ratio (goal >= 0.95), and the peak memory each adds. With --distill the
+hubprune side also runs the teacher (reported as a separate line, not in the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import PeakMemory  # noqa: E402
+
+from hubprune import LayerPruner  # noqa: E402
+from hubprune.config import HealConfig  # noqa: E402
+from hubprune.families import family_of  # noqa: E402
+from hubprune.heal import _batch, _healing_windows, heal_model, unshare_targets  # noqa: E402
+from hubprune.surgery import copy_sharing_weights  # noqa: E402
+
+
+def plain_peft(model, windows, config: HealConfig) -> float:
+    """tokens/s of the hand-written peft loop over the same batches (timed like heal_model: every step)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=list(family_of(model).lora_targets),
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.learning_rate)
+    device = next(model.parameters()).device
+    started, tokens = time.perf_counter(), 0
+    for step in range(config.steps):
+        batch = _batch(windows.ids, step, config, 0, 1).to(device)
+        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tokens += batch.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - started)
+
+
+def hubprune_heal(pruned, config: HealConfig, teacher=None) -> float:
+    student = copy_sharing_weights(pruned.model)
+    unshare_targets(student, list(family_of(student).lora_targets))
+    _, report = heal_model(student, pruned.tokenizer, config, teacher=teacher, progress=False)
+    return report.tokens_per_second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--drop", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--distill", type=float, default=0.0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    pruner = LayerPruner.from_pretrained(args.model, device=args.device)
+    pruner.scan(n_samples=8, progress=False)
+    pruned = pruner.prune(n_layers=args.drop)
+    device = next(pruned.model.parameters()).device
+    config = HealConfig(steps=args.steps, warmup_steps=0)
+    windows = _healing_windows(pruned.tokenizer, config, None, 1)
+
+    rows = {}
+    for name, run in (("hubprune heal (LoRA)", lambda: hubprune_heal(pruned, config)),
+                      ("plain peft LoRA loop", lambda: plain_peft(copy_sharing_weights(pruned.model), windows, config)),
+                      ("hubprune heal (LoRA, run 2)", lambda: hubprune_heal(pruned, config))):
+        with PeakMemory(device) as peak:
+            speed = run()
+        rows[name] = (speed, peak.peak_mib)
+    if args.distill:
+        with PeakMemory(device) as peak:
+            speed = hubprune_heal(pruned, HealConfig(steps=args.steps, warmup_steps=0, distill=args.distill), pruner.model)
+        rows[f"hubprune heal (LoRA + distill {args.distill})"] = (speed, peak.peak_mib)
+
+    print(f"model {args.model}, {pruner.num_layers} -> {pruner.num_layers - args.drop} layers, on {device}, "
+          f"torch threads {torch.get_num_threads()}; batch {config.batch_size} x {config.seq_len}, {args.steps} steps each")
+    print(f"{'run':36s} {'tokens/s':>9s} {'peak extra MiB':>15s}")
+    for name, (speed, mib) in rows.items():
+        print(f"{name:36s} {speed:9.0f} {mib:15.0f}")
+    ours = (rows["hubprune heal (LoRA)"][0] + rows["hubprune heal (LoRA, run 2)"][0]) / 2
+    print(f"hubprune / plain peft tokens/s: {ours / rows['plain peft LoRA loop'][0]:.3f}   (goal >= 0.95; "
+          "hubprune side is the mean of the runs before and after the plain loop)")
+
+
+if __name__ == "__main__":
+    main()

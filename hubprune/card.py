@@ -1,0 +1,309 @@
+"""The model card of a pruned folder, rendered from ``cards/`` with huggingface_hub's ModelCard.
+
+Everything in the card is read from the folder (``hubprune.json``, the recipe, the scan
+plot, the weights), so the card cannot drift from the model it describes. Sections whose
+information does not exist (no evaluation, no healing, no speed figures) are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from hubprune.record import PLOT_FILE, RECIPE_FILE, PruneRecord
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "README.md"
+BASE_TAGS = ["hubprune", "pruned", "depth-pruning"]
+# The offline default corpora, as the Hub datasets their text comes from.
+CORPUS_DATASETS = {"wiki": "wikimedia/wikipedia", "c4": "allenai/c4", "tiny": "roneneldan/TinyStories"}
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl
+openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
+""".split())
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def render_card(folder: str | Path, repo_id: str | None = None):
+    """The ``huggingface_hub.ModelCard`` of a folder written by hubprune.
+
+    Example: ``render_card("out/smollm2-24l", "me/smollm2-24l").save("out/smollm2-24l/README.md")``
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hubprune.cards import template_path
+
+    folder = Path(folder)
+    record = PruneRecord.load(folder)
+    config = json.loads((folder / "config.json").read_text())
+    repo_id = repo_id or folder.name
+    data = ModelCardData(
+        base_model=record.base_model if record.origin.get("kind") != "local" else None,
+        library_name="transformers",
+        pipeline_tag=record.origin.get("card", {}).get("pipeline_tag", "text-generation"),
+        tags=list(dict.fromkeys(BASE_TAGS + list(record.origin.get("card", {}).get("tags") or []))),
+        datasets=_datasets(record) or None,
+        language=record.origin.get("card", {}).get("language"),
+        model_name=repo_id if record.evaluation else None,
+        eval_results=_eval_results(record) or None,
+        **_license(record.origin.get("card", {})),
+    )
+    recipe = folder / RECIPE_FILE
+    card = ModelCard.from_template(
+        data,
+        template_path=str(template_path()),
+        title=repo_id.rsplit("/", 1)[-1],
+        repo_id=repo_id,
+        short_name=repo_id.rsplit("/", 1)[-1],
+        summary=_summary(record, config),
+        base_model=record.base_model,
+        base_num_layers=record.base_num_layers,
+        layer_map=layer_map(record.removed_layers, record.base_num_layers),
+        removed_layers=record.removed_layers,
+        metric_text=_metric_text(record),
+        scan_plot=PLOT_FILE if (folder / PLOT_FILE).is_file() else None,
+        eval_rows=_eval_rows(record),
+        eval_note=_eval_note(record),
+        size_rows=_size_rows(record, config, folder),
+        speed_rows=_speed_rows(record),
+        speed_device=record.evaluation.get("speed", {}).get("device"),
+        healing_rows=_healing_rows(record),
+        recipe_yaml=recipe.read_text() if recipe.is_file() else None,
+        hubprune_version=record.hubprune_version,
+        origin_note=record.origin.get("note"),
+        hubprune_serve=importlib.util.find_spec("hubprune.server") is not None,
+    )
+    return card
+
+
+def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
+    """Render the card into ``folder/README.md`` and remember its hash (to tell user edits apart)."""
+    folder = Path(folder)
+    text = str(render_card(folder, repo_id))
+    (folder / CARD_FILE).write_text(text)
+    record = PruneRecord.load(folder)
+    record.card_sha256 = _sha256(text)
+    record.save(folder)
+    return folder / CARD_FILE
+
+
+def readme_was_edited(folder: str | Path) -> bool:
+    """Whether ``folder/README.md`` differs from the card hubprune wrote there (a user edited it)."""
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        return False
+    return _sha256(path.read_text()) != PruneRecord.load(folder).card_sha256
+
+
+def layer_map(removed: list[int], num_layers: int) -> str:
+    """A ruler of the original's layers, ``x`` for removed and ``.`` for kept (0-based)."""
+    marks = "".join("x" if i in set(removed) else "." for i in range(num_layers))
+    ruler = "".join(str(i // 10) if i % 10 == 0 else " " for i in range(num_layers))
+    units = "".join(str(i % 10) for i in range(num_layers))
+    return f"tens   {ruler}\nunits  {units}\nlayer  {marks}"
+
+
+def _summary(record: PruneRecord, config: dict) -> str:
+    n, L = len(record.removed_layers), record.base_num_layers
+    saved = 1 - record.parameters_after / record.parameters_before
+    text = (f"This is {record.base_model} with {n} of its {L} decoder layers removed "
+            f"({n / L:.0%} of the depth), leaving {L - n} layers and {_millions(record.parameters_after)} parameters "
+            f"({saved:.1%} fewer than the original's {_millions(record.parameters_before)}).")
+    if record.healing:
+        h = record.healing
+        text += f" It was then healed with {_method_text(h)} for {h['steps']} steps ({h['tokens']:,} tokens)."
+    kept = _headline_quality(record)
+    if kept:
+        text += f" {kept}"
+    return text
+
+
+def _headline_quality(record: PruneRecord) -> str | None:
+    rows = _task_pairs(record)
+    if rows:
+        retained = [(p - c) / (o - c) for _, o, p, c in rows if o > c]
+        if retained:
+            names = ", ".join(name for name, *_ in rows)
+            return (f"On {names} it keeps {sum(retained) / len(retained):.0%} of the original's accuracy above chance "
+                    "(acc_norm, zero-shot).")
+    ppl = _perplexities(record)
+    if ppl:
+        return f"Held-out perplexity goes from {ppl[0]:.2f} to {ppl[1]:.2f}."
+    return None
+
+
+def _metric_text(record: PruneRecord) -> str:
+    texts = {
+        "angular_last": "the angular distance between the residual streams entering and leaving the block, "
+                        "on each calibration window's last token (Gromov et al. 2024): the block that changes them least",
+        "angular_all": "the angular distance between the residual streams entering and leaving the block, "
+                       "averaged over every calibration token (after Gromov et al. 2024)",
+        "block_influence": "ShortGPT's Block Influence (1 - cosine between a layer's input and output): "
+                           "the layers that change the residual stream least",
+        "perplexity": "calibration perplexity with the block removed (as SLEB and Shortened LLaMA do): "
+                      "the block whose removal costs least",
+        "explicit": "hand (an explicit list in the recipe)",
+    }
+    text = texts.get(record.metric, record.metric)
+    calib = record.calibration
+    if calib.get("tokens"):
+        text += f", measured on {calib['tokens']:,} calibration tokens ({calib.get('source', 'text')})"
+    return text
+
+
+def _task_pairs(record: PruneRecord) -> list[tuple[str, float, float, float]]:
+    ev = record.evaluation
+    original, pruned = ev.get("original", {}).get("tasks", {}), ev.get("pruned", {}).get("tasks", {})
+    return [(name, original[name]["acc_norm"], pruned[name]["acc_norm"], pruned[name].get("chance", 0.0))
+            for name in pruned if name in original]
+
+
+def _perplexities(record: PruneRecord) -> tuple[float, float] | None:
+    ev = record.evaluation
+    before, after = ev.get("original", {}).get("perplexity"), ev.get("pruned", {}).get("perplexity")
+    return (before, after) if before and after else None
+
+
+def _eval_rows(record: PruneRecord) -> list[dict]:
+    rows = [{"name": f"{name} acc_norm", "original": f"{o:.4f}", "pruned": f"{p:.4f}",
+             "kept": f"{(p - c) / (o - c):.0%} above chance" if o > c else f"{p / o:.0%}"}
+            for name, o, p, c in _task_pairs(record)]
+    ppl = _perplexities(record)
+    if ppl:
+        rows.append({"name": "held-out perplexity (lower is better)", "original": f"{ppl[0]:.2f}",
+                     "pruned": f"{ppl[1]:.2f}", "kept": f"x{ppl[1] / ppl[0]:.2f}"})
+    return rows
+
+
+def _eval_note(record: PruneRecord) -> str:
+    ev = record.evaluation
+    parts = ["Zero-shot, scored as lm-evaluation-harness scores them (acc_norm: log-likelihood per byte)."]
+    if ev.get("command"):
+        parts.append(f"Measured with `{ev['command']}`.")
+    if ev.get("heldout"):
+        parts.append(f"Perplexity on {ev['heldout']}.")
+    return " ".join(parts) if _task_pairs(record) else " ".join(parts[1:])
+
+
+def _eval_results(record: PruneRecord) -> list:
+    from huggingface_hub import EvalResult
+
+    results = []
+    for name, original, pruned, _ in _task_pairs(record):
+        for value, metric_name in ((pruned, "acc_norm"), (original, f"acc_norm of the original {record.base_model}")):
+            results.append(EvalResult(task_type="text-generation", task_name="Zero-shot multiple choice",
+                                      dataset_type=name, dataset_name=name, metric_type="acc_norm",
+                                      metric_value=round(value, 4), metric_name=metric_name,
+                                      source_name="hubprune eval", dataset_split=None))
+    ppl = _perplexities(record)
+    if ppl:
+        for value, metric_name in ((ppl[1], "perplexity"), (ppl[0], f"perplexity of the original {record.base_model}")):
+            results.append(EvalResult(task_type="text-generation", task_name="Language modelling",
+                                      dataset_type="heldout", dataset_name=record.evaluation.get("heldout", "held-out text"),
+                                      metric_type="perplexity", metric_value=round(value, 3), metric_name=metric_name,
+                                      source_name="hubprune eval"))
+    return results
+
+
+def _size_rows(record: PruneRecord, config: dict, folder: Path) -> list[dict]:
+    L, kept = record.base_num_layers, record.num_layers
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    width = _BYTES.get(dtype, 4)
+    rows = [
+        _change_row("decoder layers", L, kept, str),
+        _change_row("parameters", record.parameters_before, record.parameters_after, _millions),
+        _change_row(f"weights in memory ({dtype})", record.parameters_before * width, record.parameters_after * width, _bytes),
+    ]
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd") or 0) // max(1, heads or 1)
+    if heads and head_dim:
+        per_layer = 2 * heads * head_dim * width * 1000  # keys and values for 1,000 tokens
+        rows.append(_change_row(f"KV cache per 1,000 tokens ({dtype})", per_layer * L, per_layer * kept, _bytes))
+    disk_after = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    base = Path(record.origin.get("path", ""))
+    disk_before = sum(p.stat().st_size for p in base.glob("*.safetensors")) if base.is_dir() else 0
+    if disk_after and disk_before:
+        rows.append(_change_row("safetensors on disk", disk_before, disk_after, _bytes))
+    return rows
+
+
+def _speed_rows(record: PruneRecord) -> list[dict]:
+    speed = record.evaluation.get("speed", {})
+    rows = []
+    for name, (before, after) in speed.get("figures", {}).items():
+        rows.append({"name": name, "original": f"{before:.1f}", "pruned": f"{after:.1f}", "ratio": f"{after / before:.2f}x"})
+    return rows
+
+
+def _healing_rows(record: PruneRecord) -> list[dict]:
+    h = record.healing
+    if not h:
+        return []
+    c = h.get("config", {})
+    rows = [("method", _method_text(h)), ("steps", f"{h['steps']} ({h['tokens']:,} tokens)"),
+            ("text", f"{h['data'].get('source', '?')}, never the evaluation text"),
+            ("LoRA", f"r={c.get('lora_r')}, alpha={c.get('lora_alpha')}, on {', '.join(c.get('target_modules') or ['the family default projections'])}"),
+            ("learning rate", f"{c.get('learning_rate')} (warm-up {c.get('warmup_steps')} steps, cosine)"),
+            ("batch", f"{c.get('batch_size')} x {c.get('seq_len')} tokens x {c.get('grad_accum')} accumulation"),
+            ("loss", f"{h['first_loss']:.3f} -> {h['final_loss']:.3f}"),
+            ("time", f"{h['seconds']:.0f} s at {h['tokens_per_second']:.0f} tokens/s")]
+    return [{"name": k, "value": v} for k, v in rows]
+
+
+def _method_text(h: dict) -> str:
+    c = h.get("config", {})
+    text = "QLoRA (4-bit NF4)" if c.get("method") == "qlora" else "LoRA"
+    if c.get("distill"):
+        text += f" with distillation from the original (KL weight {c['distill']}, temperature {c.get('temperature', 1.0)})"
+    return text
+
+
+def _datasets(record: PruneRecord) -> list[str]:
+    names = []
+    for source in (record.calibration.get("source", ""), record.healing.get("data", {}).get("source", "")):
+        if source.endswith("corpus (calibration split)") or source.endswith("corpus (train split)"):
+            corpus = source.split()[0]
+            if corpus in CORPUS_DATASETS:
+                names.append(CORPUS_DATASETS[corpus])
+        elif source.startswith("dataset ") and "/" in source and not Path(source[8:]).exists():
+            names.append(source[8:])
+    return list(dict.fromkeys(names))
+
+
+def _license(card: dict) -> dict:
+    license_ = card.get("license")
+    if not license_:
+        return {}
+    if license_ == "other" or license_ not in HUB_LICENSES:
+        return {"license": "other", "license_name": card.get("license_name") or str(license_),
+                "license_link": card.get("license_link")}
+    return {"license": license_}
+
+
+def _change_row(name: str, before: float, after: float, fmt) -> dict:
+    return {"name": name, "original": fmt(before), "pruned": fmt(after), "change": f"{after / before - 1:+.1%}"}
+
+
+def _millions(count: float) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+
+
+def _bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} B"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
