@@ -203,15 +203,13 @@ def _eval_results(record: PruneRecord) -> list:
         for value, metric_name in ((pruned, "acc_norm"), (original, f"acc_norm of the original {record.base_model}")):
             results.append(EvalResult(task_type="text-generation", task_name="Zero-shot multiple choice",
                                       dataset_type=name, dataset_name=name, metric_type="acc_norm",
-                                      metric_value=round(value, 4), metric_name=metric_name,
-                                      source_name="hubprune eval", dataset_split=None))
+                                      metric_value=round(value, 4), metric_name=metric_name))
     ppl = _perplexities(record)
     if ppl:
         for value, metric_name in ((ppl[1], "perplexity"), (ppl[0], f"perplexity of the original {record.base_model}")):
             results.append(EvalResult(task_type="text-generation", task_name="Language modelling",
                                       dataset_type="heldout", dataset_name=record.evaluation.get("heldout", "held-out text"),
-                                      metric_type="perplexity", metric_value=round(value, 3), metric_name=metric_name,
-                                      source_name="hubprune eval"))
+                                      metric_type="perplexity", metric_value=round(value, 3), metric_name=metric_name))
     return results
 
 

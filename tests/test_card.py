@@ -1,0 +1,92 @@
+"""The card is rendered from the folder's record, so it must say exactly what the record says."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hubprune.card import layer_map, readme_was_edited, render_card, write_card
+from hubprune.record import PruneRecord
+
+
+@pytest.fixture(scope="module")
+def smollm2_folder(smollm2, tmp_path_factory):
+    smollm2.scan(n_samples=8, progress=False)
+    return smollm2.prune(n_layers=6).save_pretrained(tmp_path_factory.mktemp("card") / "smollm2-24l")
+
+
+@pytest.mark.slow
+def test_card_matches_the_record_of_real_smollm2(smollm2_folder):
+    record = PruneRecord.load(smollm2_folder)
+    text = (smollm2_folder / "README.md").read_text()
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data["license"] == "apache-2.0"  # carried verbatim from the base (here: the GGUF's metadata)
+    assert data["language"] == ["en"]
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"hubprune", "pruned", "depth-pruning"} <= set(data["tags"])
+    assert data["datasets"] == ["wikimedia/wikipedia"]
+    assert "model-index" not in data  # no evaluation yet: no eval section, no empty table
+
+    assert f"Removed: `{record.removed_layers}`" in text
+    marks = re.search(r"^layer  ([.x]+)$", text, re.M).group(1)
+    assert [i for i, m in enumerate(marks) if m == "x"] == record.removed_layers and len(marks) == 30
+    assert f"with 6 of its 30 decoder layers removed" in text
+    assert f"{record.parameters_before / 1e6:.1f}M" in text and f"{record.parameters_after / 1e6:.1f}M" in text
+    assert "| parameters | 134.5M | 113.3M | -15.8% |" in text
+    assert "![" in text and "(hubprune_scan.png)" in text
+    assert "```yaml\nmodel: HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    assert "hubprune run hubprune_recipe.yaml" in text
+    assert "vllm serve smollm2-24l" in text
+    assert "## Quality before and after" not in text and "## Healing" not in text
+    assert "None" not in text and "| |  |" not in text and "nan" not in text
+    assert not readme_was_edited(smollm2_folder)
+
+
+def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
+    from hubprune import LayerPruner
+
+    pruned = LayerPruner.from_pretrained(tiny_model_dir, device="cpu").prune(layers=[1, 2])
+    folder = pruned.save_pretrained(tmp_path / "tiny")
+    record = PruneRecord.load(folder)
+    record.evaluation = {
+        "original": {"perplexity": 20.0, "tasks": {"arc_easy": {"acc_norm": 0.5, "chance": 0.25}}},
+        "pruned": {"perplexity": 24.0, "tasks": {"arc_easy": {"acc_norm": 0.45, "chance": 0.25}}},
+        "heldout": "16 x 256 tokens of held-out Wikipedia", "command": "hubprune eval tiny",
+    }
+    record.healing = {"method": "lora+distill", "steps": 10, "tokens": 10240, "seconds": 12.0, "tokens_per_second": 853.0,
+                      "first_loss": 3.0, "final_loss": 2.5, "data": {"source": "wiki corpus (train split)"},
+                      "config": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4,
+                                 "warmup_steps": 10, "batch_size": 4, "seq_len": 256, "grad_accum": 1, "distill": 0.5}}
+    record.save(folder)
+    text = str(render_card(folder, "alice/tiny"))
+    card = ModelCard(text)
+    results = {(r.dataset_type, r.metric_name): r.metric_value for r in card.data.eval_results}
+    assert results[("arc_easy", "acc_norm")] == 0.45
+    assert results[("arc_easy", f"acc_norm of the original {record.base_model}")] == 0.5
+    assert results[("heldout", "perplexity")] == 24.0
+    assert card.data.model_name == "alice/tiny"
+    assert "| arc_easy acc_norm | 0.5000 | 0.4500 | 80% above chance |" in text
+    assert "keeps 80% of the original's accuracy above chance" in text
+    assert "| held-out perplexity (lower is better) | 20.00 | 24.00 | x1.20 |" in text
+    assert "## Healing" in text and "LoRA with distillation from the original (KL weight 0.5" in text
+    assert "It was not healed" not in text
+    assert "base_model" not in card.data.to_dict()  # a local folder is no Hub id: not claimed as base_model
+
+
+def test_edited_readme_is_detected(tiny_model_dir, tmp_path):
+    from hubprune import LayerPruner
+
+    folder = LayerPruner.from_pretrained(tiny_model_dir, device="cpu").prune(layers=[0]).save_pretrained(tmp_path / "t")
+    assert not readme_was_edited(folder)
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nMy own notes.\n")
+    assert readme_was_edited(folder)
+    write_card(folder)
+    assert not readme_was_edited(folder)
+
+
+def test_layer_map():
+    assert layer_map([2, 3], 12).splitlines() == ["tens   0         1 ", "units  012345678901", "layer  ..xx........"]
