@@ -3,6 +3,7 @@
     hubprune scan MODEL [--out scan.json] [--plot scan.png]
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
     hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
+    hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
     hubprune push DIR user/name [--private] [--create-pr]
     hubprune run recipe.yaml
 """
@@ -118,6 +119,14 @@ def cmd_heal(args) -> int:
     return 0
 
 
+def cmd_cut(args) -> int:
+    from hubprune.filesurgery import cut_checkpoint
+
+    out = cut_checkpoint(args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet)
+    print(f"cut layers {sorted(_layer_list(args.layers))} from {args.folder} at file level; saved to {out}")
+    return 0
+
+
 def cmd_push(args) -> int:
     from hubprune.hub import push_folder
 
@@ -219,6 +228,12 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     heal.add_argument("--device", default="auto")
     heal.set_defaults(func=cmd_heal)
+
+    cut = sub.add_parser("cut", parents=[common], help="drop layers from a safetensors folder without loading the model")
+    cut.add_argument("folder", help="a local transformers folder with safetensors weights")
+    cut.add_argument("--layers", required=True, help="0-based layers to drop, e.g. 40,41,42")
+    cut.add_argument("--out", required=True, help="output folder")
+    cut.set_defaults(func=cmd_cut)
 
     push = sub.add_parser("push", parents=[common], help="publish a pruned folder to the Hub in one commit")
     push.add_argument("folder", help="a folder written by hubprune prune or heal")

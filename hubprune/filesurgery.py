@@ -1,0 +1,176 @@
+"""Cut layers out of a safetensors checkpoint without instantiating the model.
+
+Kept tensors are copied byte for byte, in chunks, from the source shards into new shards
+with renumbered layer indices; ``model.safetensors.index.json`` and ``config.json`` are
+rewritten (the same config slicing as in-memory surgery), tokenizer and other files are
+carried over. Peak memory is one copy buffer, whatever the model's size. The output
+equals in-memory surgery followed by ``save_pretrained``, tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from hubprune.card import write_card
+from hubprune.config import PruneConfig, Recipe
+from hubprune.families import family_of
+from hubprune.io import atomic_output
+from hubprune.record import RECIPE_FILE, PruneRecord
+from hubprune.surgery import _refuse_index_dependent_layers, check_layers, slice_config
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+_CHUNK = 64 << 20  # bytes per read/write while copying a tensor
+_NOT_CARRIED = {"config.json", INDEX_FILE, "README.md", "hubprune.json", "hubprune_recipe.yaml",
+                "hubprune_scan.json", "hubprune_scan.png"}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where its data starts."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)), 8 + size
+
+
+def shard_files(folder: Path) -> list[str]:
+    """The safetensors files of a checkpoint, in index order (or the single model.safetensors)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"{folder} has no model.safetensors or {INDEX_FILE}; give a safetensors checkpoint folder")
+
+
+def cut_checkpoint(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    layers: Sequence[int],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``source`` without the given 0-based layers to ``out`` (atomically); returns ``out``.
+
+    Example: ``cut_checkpoint("Llama-2-70b-hf", "llama-70b-40l", range(40, 80))``
+    """
+    from transformers import AutoConfig
+
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} has no config.json; give a transformers checkpoint folder")
+    config = AutoConfig.from_pretrained(source)
+    family = family_of(config)
+    num_layers = config.num_hidden_layers
+    removed = check_layers(list(layers), num_layers)
+    kept = [i for i in range(num_layers) if i not in set(removed)]
+    _refuse_index_dependent_layers(config, kept)
+    new_index = {old: new for new, old in enumerate(kept)}
+    pattern = re.compile(rf"^((?:.*\.)?{re.escape(family.layers.rsplit('.', 1)[-1])}\.)(\d+)(\..*)$")
+
+    shards = shard_files(source)
+    plan = []  # (source shard, [(old name, new name, info)])
+    for shard in shards:
+        header, _ = read_header(source / shard)
+        entries = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            match = pattern.match(name) if _under(name, family.layers) else None
+            if match and int(match.group(2)) in new_index:
+                entries.append((name, f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}", info))
+            elif not match:
+                entries.append((name, name, info))
+        plan.append((shard, entries, header.get("__metadata__")))
+    plan = [p for p in plan if p[1]]
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for _, entries, _ in plan for *_, info in entries)
+
+    with atomic_output(out, overwrite=overwrite, protect=(str(source),)) as tmp:
+        bar = tqdm(total=total, desc="cut", unit="B", unit_scale=True, disable=not progress)
+        weight_map, names = {}, []
+        for number, (shard, entries, metadata) in enumerate(plan, start=1):
+            name = "model.safetensors" if len(plan) == 1 else f"model-{number:05d}-of-{len(plan):05d}.safetensors"
+            _copy_tensors(source / shard, tmp / name, entries, metadata, bar)
+            weight_map.update({new: name for _, new, _ in entries})
+            names.append(name)
+        bar.close()
+        if len(plan) > 1:
+            (tmp / INDEX_FILE).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        slice_config(config, kept, num_layers)
+        config.save_pretrained(tmp)
+        for path in source.iterdir():
+            if path.is_file() and path.name not in _NOT_CARRIED and not path.name.endswith(".safetensors"):
+                shutil.copy2(path, tmp / path.name)
+        _write_record(tmp, source, removed, kept, num_layers, plan)
+        Recipe(model=str(source.resolve()), prune=PruneConfig(layers=removed, metric="angular_last")).save(tmp / RECIPE_FILE)
+        write_card(tmp)
+    logger.info("cut layers %s from %s into %s (%d shards)", removed, source, out, len(plan))
+    return Path(out)
+
+
+def _copy_tensors(src: Path, dst: Path, entries: list, metadata: dict | None, bar) -> None:
+    # Header first (new names, packed offsets), then each tensor's bytes in source order.
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for _, new, info in entries:
+        length = info["data_offsets"][1] - info["data_offsets"][0]
+        header[new] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + length]}
+        offset += length
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    _, start = read_header(src)
+    with src.open("rb") as f_in, dst.open("wb") as f_out:
+        f_out.write(struct.pack("<Q", len(blob)) + blob)
+        for _, _, info in entries:
+            begin, end = info["data_offsets"]
+            f_in.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                chunk = f_in.read(min(_CHUNK, remaining))
+                f_out.write(chunk)
+                remaining -= len(chunk)
+                bar.update(len(chunk))
+
+
+def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int, plan) -> None:
+    from hubprune import __version__
+
+    def count(entries):
+        total = 0
+        for *_, info in entries:
+            size = 1
+            for dim in info["shape"]:
+                size *= dim
+            total += size
+        return total
+
+    after = sum(count(entries) for _, entries, _ in plan)
+    before = 0
+    for shard in shard_files(source):
+        header, _ = read_header(source / shard)
+        before += count([(None, None, v) for k, v in header.items() if k != "__metadata__"])
+    PruneRecord(
+        base_model=str(source.resolve()), base_revision=None, base_num_layers=num_layers, removed_layers=removed,
+        kept_layers=kept, metric="explicit", parameters_before=before, parameters_after=after,
+        origin={"kind": "local", "path": str(source.resolve()), "note": "cut at file level (hubprune cut)"},
+        hubprune_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    ).save(folder)
+
+
+def _under(name: str, layers_path: str) -> bool:
+    # "model.layers.3.x" under "model.layers"; also checkpoints saved without the base prefix ("h.3.x").
+    last = layers_path.rsplit(".", 1)[-1]
+    return name.startswith(layers_path + ".") or name.startswith(last + ".")
