@@ -173,6 +173,47 @@ def describe_layers(layers: list[int]) -> str:
     return "{" + ",".join(map(str, layers)) + "}"
 
 
+class PairStats:
+    """Running sums over tokens of arccos(cos)/pi for every pair of residual states, and cos of neighbours."""
+
+    def __init__(self, num_layers: int):
+        n = num_layers + 1
+        self.angle_all = torch.zeros(n, n, dtype=torch.float64)
+        self.angle_last = torch.zeros(n, n, dtype=torch.float64)
+        self.cos_next = torch.zeros(num_layers, dtype=torch.float64)
+        self.tokens = 0
+        self.windows = 0
+
+    def add(self, x: torch.Tensor, ends_window: bool) -> None:
+        """``x``: [tokens, L+1, D] states of consecutive tokens; its last row ends a window if ``ends_window``."""
+        x = F.normalize(x.float(), dim=-1)
+        cos = torch.bmm(x, x.transpose(1, 2)).clamp_(-1.0, 1.0)  # [tokens, L+1, L+1]
+        angle = torch.arccos(cos).div_(math.pi)
+        self.angle_all += angle.sum(0).double().cpu()
+        self.cos_next += torch.diagonal(cos, offset=1, dim1=1, dim2=2).sum(0).double().cpu()
+        self.tokens += x.size(0)
+        if ends_window:
+            self.angle_last += angle[-1].double().cpu()
+            self.windows += 1
+
+    def result(self, name: str, windows: TokenWindows, seconds: float) -> ScanResult:
+        from hubprune import __version__
+
+        L = self.cos_next.numel()
+        mean_all, mean_last = self.angle_all / self.tokens, self.angle_last / self.windows
+        return ScanResult(
+            model=name,
+            num_layers=L,
+            angular_last=[[mean_last[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
+            angular_all=[[mean_all[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
+            block_influence=(1 - self.cos_next / self.tokens).tolist(),
+            calibration={"source": windows.source, "windows": len(windows.ids), "seq_len": windows.ids.size(1),
+                         "tokens": windows.num_tokens, "fingerprint": windows.fingerprint()},
+            seconds=round(seconds, 3),
+            hubprune_version=__version__,
+        )
+
+
 @torch.no_grad()
 def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: bool = True, name: str = "") -> ScanResult:
     """Angular distances for every block and block influence per layer, from one pass.
@@ -192,10 +233,7 @@ def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: b
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles.append(norm.register_forward_pre_hook(capture(L), with_kwargs=True))
-    angle_all = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    angle_last = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    cos_next = torch.zeros(L, dtype=torch.float64)
-    tokens = 0
+    stats = PairStats(L)
     started = time.perf_counter()
     try:
         bar = tqdm(total=windows.num_tokens, desc="scan", unit="tok", unit_scale=True, disable=not progress)
@@ -203,35 +241,14 @@ def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: b
             batch = windows.ids[start : start + batch_size].to(device)
             model.base_model(input_ids=batch, use_cache=False)  # the decoder stack only, no lm_head
             for b in range(batch.size(0)):
-                x = torch.stack([s[b] for s in states], dim=1).float()  # [T, L+1, D]
-                x = F.normalize(x, dim=-1)
-                cos = torch.bmm(x, x.transpose(1, 2)).clamp_(-1.0, 1.0)  # [T, L+1, L+1]
-                angle = torch.arccos(cos).div_(math.pi)
-                angle_all += angle.sum(0).double().cpu()
-                angle_last += angle[-1].double().cpu()
-                cos_next += torch.diagonal(cos, offset=1, dim1=1, dim2=2).sum(0).double().cpu()
-                tokens += x.size(0)
+                stats.add(torch.stack([s[b] for s in states], dim=1), ends_window=True)  # [T, L+1, D]
             states[:] = [None] * (L + 1)
             bar.update(batch.numel())
         bar.close()
     finally:
         for handle in handles:
             handle.remove()
-    windows_seen = len(windows.ids)
-    mean_all, mean_last = angle_all / tokens, angle_last / windows_seen
-    from hubprune import __version__
-
-    return ScanResult(
-        model=name,
-        num_layers=L,
-        angular_last=[[mean_last[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
-        angular_all=[[mean_all[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
-        block_influence=(1 - cos_next / tokens).tolist(),
-        calibration={"source": windows.source, "windows": windows_seen, "seq_len": windows.ids.size(1),
-                     "tokens": windows.num_tokens, "fingerprint": windows.fingerprint()},
-        seconds=round(time.perf_counter() - started, 3),
-        hubprune_version=__version__,
-    )
+    return stats.result(name, windows, time.perf_counter() - started)
 
 
 @torch.no_grad()

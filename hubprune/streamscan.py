@@ -1,0 +1,158 @@
+"""Scan a model larger than memory, one decoder layer at a time, from its safetensors shards.
+
+The model is built with empty (meta) weights; only the embeddings and the final norm are
+loaded. All calibration windows go through the stack as ONE batch, and a hook loads each
+decoder layer's weights from the shards just before it runs and frees them right after,
+so each layer is read once and peak memory is about one layer plus the activations plus
+the embeddings. The residual state entering each layer is normalised and written to a
+temporary file; a last pass reads them back a window at a time and accumulates the same
+statistics as the in-memory scan (``hubprune.scan.PairStats``), so the scores agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hubprune.calibration import TokenWindows
+from hubprune.families import decoder_layers, family_of, final_norm
+from hubprune.filesurgery import read_header, shard_files
+from hubprune.scan import PairStats, ScanResult
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of the weights of a safetensors checkpoint (a proxy for the memory a full load needs)."""
+    folder = Path(folder)
+    return sum((folder / shard).stat().st_size for shard in shard_files(folder))
+
+
+def fits_in_memory(folder: str | Path, dtype_bytes: int | None = None, headroom: float = 0.6) -> bool:
+    """Whether loading the checkpoint (plus working room) fits in the available RAM."""
+    size = checkpoint_bytes(folder)
+    if dtype_bytes:
+        size = size * dtype_bytes // _stored_bytes(folder)
+    return size < headroom * psutil.virtual_memory().available
+
+
+@torch.no_grad()
+def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", progress: bool = True, name: str = "") -> ScanResult:
+    """The scan of ``hubprune.scan.scan_model``, computed layer by layer from the shards.
+
+    Example: ``streamed_scan("Llama-2-70b-hf", calibration_windows(tokenizer)).choose(40)``
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, device = Path(folder), torch.device(device)
+    config = AutoConfig.from_pretrained(folder)
+    family = family_of(config)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE) computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    tensors = _TensorIndex(folder, model.base_model_prefix)
+    layers_prefix = family.layers + "."
+    for pname, _ in list(model.named_parameters()):
+        if not pname.startswith(layers_prefix) and pname in tensors:  # embeddings, final norm, positions
+            _set(model, pname, tensors.load(pname), device, dtype)
+    for module in model.modules():  # buffers (RoPE frequencies, ...) were built on the CPU
+        for bname, buffer in module._buffers.items():
+            if buffer is not None and buffer.device != device:
+                module._buffers[bname] = buffer.to(device)
+
+    layers = decoder_layers(model)
+    L = len(layers)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hubprune-stream-") as tmp:
+        paths = [Path(tmp) / f"state-{i}.npy" for i in range(L + 1)]
+        bar = tqdm(total=L, desc="streamed scan", unit="layer", disable=not progress)
+
+        def before(index):
+            def hook(module, args, kwargs):
+                _save_state(paths[index], args[0] if args else kwargs["hidden_states"])
+                for pname, _ in module.named_parameters():
+                    full = f"{family.layers}.{index}.{pname}"
+                    _set(model, full, tensors.load(full), device, dtype)
+            return hook
+
+        def after(index):
+            def hook(module, args, output):
+                for pname, _ in list(module.named_parameters()):
+                    _set(model, f"{family.layers}.{index}.{pname}", None, "meta", dtype)
+                bar.update(1)
+            return hook
+
+        handles = []
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(after(i)))
+        handles.append(final_norm(model).register_forward_pre_hook(
+            lambda module, args, kwargs: _save_state(paths[L], args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+        try:
+            model.base_model(input_ids=windows.ids.to(device), use_cache=False)  # every window, one batch
+        finally:
+            for handle in handles:
+                handle.remove()
+            bar.close()
+
+        stats = PairStats(L)
+        states = [np.load(path, mmap_mode="r") for path in paths]  # each [N, T, D], normalised
+        for w in tqdm(range(len(windows.ids)), desc="pair statistics", unit="window", disable=not progress):
+            stats.add(torch.from_numpy(np.stack([s[w] for s in states], axis=1)), ends_window=True)
+        del states
+    return stats.result(name, windows, time.perf_counter() - started)
+
+
+class _TensorIndex:
+    """Find and read single tensors from a checkpoint's shards by parameter name."""
+
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix, self.where = folder, prefix, {}
+        for shard in shard_files(folder):
+            header, _ = read_header(folder / shard)
+            self.where.update({name: shard for name in header if name != "__metadata__"})
+
+    def _key(self, name: str) -> str | None:
+        if name in self.where:
+            return name
+        short = name.removeprefix(self.prefix + ".")  # checkpoints saved without the base prefix
+        return short if short in self.where else None
+
+    def __contains__(self, name: str) -> bool:
+        return self._key(name) is not None
+
+    def load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = self._key(name)
+        if key is None:
+            raise KeyError(f"{name} is not in the checkpoint in {self.folder}")
+        with safe_open(self.folder / self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def _set(model, name: str, value, device, dtype) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(model, name, device, value=value, dtype=dtype if value is not None else None)
+
+
+def _save_state(path: Path, hidden: torch.Tensor) -> None:
+    np.save(path, F.normalize(hidden.float(), dim=-1).cpu().numpy())
+
+
+def _stored_bytes(folder: Path) -> int:
+    header, _ = read_header(folder / shard_files(folder)[0])
+    dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+    return {"F32": 4, "BF16": 2, "F16": 2}.get(max(set(dtypes), key=dtypes.count), 2)
