@@ -159,7 +159,9 @@ def _calibration(args) -> CalibrationConfig:
 
 
 def _load_options(args) -> dict:
-    return {"revision": args.revision, "dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code}
+    return {"revision": args.revision, "dtype": args.dtype, "device": args.device,
+            "trust_remote_code": args.trust_remote_code,
+            "streaming": {"auto": "auto", "on": True, "off": False}[args.streaming]}
 
 
 def _layer_list(text: str) -> list[int]:
@@ -185,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     model.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
+    model.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                       help="scan layer by layer from the shards and cut files (default: only if the model does not fit)")
     calib = model.add_argument_group("calibration")
     calib.add_argument("--calibration", nargs="+", metavar="FILE", help="text files (default: the offline corpus)")
     calib.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")

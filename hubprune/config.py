@@ -206,6 +206,7 @@ class Recipe:
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    streaming: bool | str = "auto"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     heal: HealConfig | None = None
     output: str | None = None
@@ -216,6 +217,8 @@ class Recipe:
             raise ValueError("recipe: model must name a Hub id, a local folder or a .gguf file")
         if self.dtype not in DTYPES:
             raise ValueError(f"recipe: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.streaming not in (True, False, "auto"):
+            raise ValueError(f"recipe: streaming must be true, false or auto, got {self.streaming!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,9 +39,15 @@ _NOT_CARRIED = {"config.json", INDEX_FILE, "README.md", "hubprune.json", "hubpru
 
 def read_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset where its data starts."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (struct.error, ValueError, MemoryError, OverflowError) as err:
+        raise ValueError(f"cannot load the model weights: {path} is not a valid safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"cannot load the model weights: {path} is not a valid safetensors file")
+    return header, 8 + size
 
 
 def shard_files(folder: Path) -> list[str]:
@@ -60,8 +67,12 @@ def cut_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    finish=None,
 ) -> Path:
     """Write ``source`` without the given 0-based layers to ``out`` (atomically); returns ``out``.
+
+    ``finish(tmp_folder)``, if given, writes the record, recipe and card instead of the
+    defaults (an explicit-layers record).
 
     Example: ``cut_checkpoint("Llama-2-70b-hf", "llama-70b-40l", range(40, 80))``
     """
@@ -113,9 +124,12 @@ def cut_checkpoint(
         for path in source.iterdir():
             if path.is_file() and path.name not in _NOT_CARRIED and not path.name.endswith(".safetensors"):
                 shutil.copy2(path, tmp / path.name)
-        _write_record(tmp, source, removed, kept, num_layers, plan)
-        Recipe(model=str(source.resolve()), prune=PruneConfig(layers=removed, metric="angular_last")).save(tmp / RECIPE_FILE)
-        write_card(tmp)
+        if finish is not None:
+            finish(tmp)
+        else:
+            _write_record(tmp, source, removed, kept, num_layers)
+            Recipe(model=str(source.resolve()), prune=PruneConfig(layers=removed)).save(tmp / RECIPE_FILE)
+            write_card(tmp)
     logger.info("cut layers %s from %s into %s (%d shards)", removed, source, out, len(plan))
     return Path(out)
 
@@ -144,23 +158,30 @@ def _copy_tensors(src: Path, dst: Path, entries: list, metadata: dict | None, ba
                 bar.update(len(chunk))
 
 
-def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int, plan) -> None:
+def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> tuple[int, int]:
+    """Parameters of a checkpoint before and after removing ``removed`` layers, from its headers."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    family = family_of(AutoConfig.from_pretrained(folder))
+    pattern = re.compile(rf"^(?:.*\.)?{re.escape(family.layers.rsplit('.', 1)[-1])}\.(\d+)\.")
+    before = after = 0
+    for shard in shard_files(folder):
+        header, _ = read_header(folder / shard)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            size = math.prod(info["shape"])
+            before += size
+            match = pattern.match(name) if _under(name, family.layers) else None
+            after += 0 if match and int(match.group(1)) in set(removed) else size
+    return before, after
+
+
+def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int) -> None:
     from hubprune import __version__
 
-    def count(entries):
-        total = 0
-        for *_, info in entries:
-            size = 1
-            for dim in info["shape"]:
-                size *= dim
-            total += size
-        return total
-
-    after = sum(count(entries) for _, entries, _ in plan)
-    before = 0
-    for shard in shard_files(source):
-        header, _ = read_header(source / shard)
-        before += count([(None, None, v) for k, v in header.items() if k != "__metadata__"])
+    before, after = count_checkpoint_parameters(source, removed)
     PruneRecord(
         base_model=str(source.resolve()), base_revision=None, base_num_layers=num_layers, removed_layers=removed,
         kept_layers=kept, metric="explicit", parameters_before=before, parameters_after=after,

@@ -91,9 +91,20 @@ def load_model(
     """
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     folder, origin = locate(source, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    model, tokenizer = _load_folder(folder, origin, torch_dtype, trust_remote_code)
+    model, tokenizer = load_located(folder, origin, torch_dtype, trust_remote_code)
     model.to(torch_device).eval()
     return model, tokenizer, origin
+
+
+def local_folder(folder: str, origin: ModelOrigin) -> Path:
+    """A local folder holding the model's files (downloads a Hub snapshot when needed)."""
+    if Path(folder).is_dir():
+        return Path(folder)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
+    return Path(snapshot_download(folder, revision=origin.revision, allow_patterns=patterns,
+                                  local_files_only=not hub_reachable()))
 
 
 def locate(source, *, revision=None, gguf_file=None, trust_remote_code=False) -> tuple[str, ModelOrigin]:
@@ -219,7 +230,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_folder(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool):
+def load_located(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool):
+    """Load the model and tokenizer that ``locate`` found."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"trust_remote_code": trust_remote_code}

@@ -11,12 +11,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
 from hubprune.families import decoder_layers, family_of
 from hubprune.io import atomic_output
-from hubprune.loading import DEFAULT_MODEL, ModelOrigin, load_model, locate, num_layers_of, resolve_device, resolve_dtype
+from hubprune.loading import (DEFAULT_MODEL, ModelOrigin, load_located, load_model, local_folder, locate, num_layers_of,
+                              resolve_device, resolve_dtype)
+from hubprune.streamscan import fits_in_memory
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
 from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
@@ -35,14 +39,21 @@ class LayerPruner:
         pruned.save_pretrained("out/smollm2-24l")
     """
 
-    def __init__(self, model, tokenizer, origin: ModelOrigin, load_options: dict[str, Any] | None = None):
-        self.model = model
+    def __init__(self, model, tokenizer, origin: ModelOrigin, load_options: dict[str, Any] | None = None,
+                 folder: Path | None = None):
+        self.model = model  # None when streaming: the weights stay in their shards
         self.tokenizer = tokenizer
         self.origin = origin
         self.load_options = load_options or {}
+        self.folder = folder
         self.scan_result: ScanResult | None = None
         self.calibration: CalibrationConfig | None = None
         self._windows: TokenWindows | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """True when the model is not in memory: scans stream layers, pruning cuts files."""
+        return self.model is None
 
     @classmethod
     def from_pretrained(
@@ -54,15 +65,39 @@ class LayerPruner:
         dtype: str = "float32",
         device: str = "auto",
         trust_remote_code: bool = False,
+        streaming: bool | str = "auto",
     ) -> LayerPruner:
-        """Load a causal LM from a Hub id, a local folder or a ``.gguf`` file."""
+        """Load a causal LM from a Hub id, a local folder or a ``.gguf`` file.
+
+        ``streaming``: True keeps the weights in their safetensors shards (scans run layer by
+        layer, pruning cuts files; for models larger than memory); "auto" does so only when
+        the model would not fit in free memory.
+        """
+        from transformers import AutoTokenizer
+
+        if streaming not in (True, False, "auto"):
+            raise ValueError(f"streaming must be True, False or 'auto', got {streaming!r}")
         options = {"revision": revision, "gguf_file": gguf_file, "dtype": dtype, "device": device,
                    "trust_remote_code": trust_remote_code}
-        model, tokenizer, origin = load_model(source, **options)
-        return cls(model, tokenizer, origin, options)
+        torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+        found, origin = locate(source, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        folder = local_folder(found, origin) if streaming is not False else None
+        if streaming == "auto":
+            streaming = not fits_in_memory(folder, torch_dtype, torch_device)
+            if streaming:
+                logger.info("%s would not fit in free memory: scanning layer by layer from its shards", source)
+        if streaming:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            return cls(None, tokenizer, origin, options, folder=folder)
+        model, tokenizer = load_located(found, origin, torch_dtype, trust_remote_code)
+        return cls(model.to(torch_device).eval(), tokenizer, origin, options, folder=folder)
 
     @property
     def num_layers(self) -> int:
+        if self.streaming:
+            from transformers import AutoConfig
+
+            return AutoConfig.from_pretrained(self.folder).num_hidden_layers
         return len(decoder_layers(self.model))
 
     def scan(
@@ -85,7 +120,19 @@ class LayerPruner:
         else:
             config = CalibrationConfig(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
         windows = calibration_windows(self.tokenizer, calibration, config)
-        result = scan_model(self.model, windows, batch_size=config.batch_size, progress=progress, name=self.origin.base_model)
+        if self.streaming:
+            if loss_block_sizes:
+                raise ValueError("the perplexity criterion needs the model in memory; use streaming=False, "
+                                 "or an angular or block_influence metric")
+            from hubprune.streamscan import streamed_scan
+
+            dtype = resolve_dtype(self.load_options.get("dtype", "float32"))
+            result = streamed_scan(self.folder, windows, dtype=dtype if dtype != "auto" else torch.float32,
+                                   device=resolve_device(self.load_options.get("device", "auto")),
+                                   progress=progress, name=self.origin.base_model)
+        else:
+            result = scan_model(self.model, windows, batch_size=config.batch_size, progress=progress,
+                                name=self.origin.base_model)
         for n in loss_block_sizes:
             result.perplexity[n] = loss_scan(self.model, windows, n, batch_size=config.batch_size, progress=progress)
         self.scan_result, self._windows = result, windows
@@ -119,11 +166,13 @@ class LayerPruner:
                     self.model, self._windows, n, batch_size=self.calibration.batch_size, progress=progress
                 )
             removed = self.scan_result.choose(n, metric)
-        pruned = drop_layers(self.model, removed)
+        pruned = None if self.streaming else drop_layers(self.model, removed)
         record = self._record(pruned, removed, "explicit" if layers is not None else metric)
         recipe = Recipe(model=self.origin.base_model, prune=config, calibration=self.calibration or CalibrationConfig(),
+                        streaming=self.streaming or "auto",
                         **{k: v for k, v in self.load_options.items() if k != "gguf_file" or self.origin.kind != "gguf"})
-        return PrunedModel(pruned, self.tokenizer, record, recipe, self.scan_result, base=self.model)
+        return PrunedModel(pruned, self.tokenizer, record, recipe, self.scan_result, base=self.model,
+                           source_folder=self.folder if self.streaming else None)
 
     def _record(self, pruned, removed: list[int], metric: str) -> PruneRecord:
         from hubprune import __version__
@@ -133,7 +182,15 @@ class LayerPruner:
             n = len(removed)
             values = self.scan_result.scores(metric, n)
             scores = {"block_size": n, "values": values, "chosen": [values[i] for i in removed] if metric == "block_influence" else values[removed[0]]}
-        config_updates = sorted(k for k, v in pruned.config.to_dict().items() if v != self.model.config.to_dict().get(k))
+        if self.streaming:
+            from hubprune.filesurgery import count_checkpoint_parameters
+
+            before, after = count_checkpoint_parameters(self.folder, removed)
+            config_updates = ["num_hidden_layers"]
+        else:
+            before, after = count_parameters(self.model), count_parameters(pruned)
+            config_updates = sorted(k for k, v in pruned.config.to_dict().items()
+                                    if v != self.model.config.to_dict().get(k))
         return PruneRecord(
             base_model=self.origin.base_model,
             base_revision=self.origin.revision,
@@ -143,8 +200,8 @@ class LayerPruner:
             metric=metric,
             scores=scores,
             calibration=dict(self.scan_result.calibration) if self.scan_result else {},
-            parameters_before=count_parameters(self.model),
-            parameters_after=count_parameters(pruned),
+            parameters_before=before,
+            parameters_after=after,
             config_updates=config_updates,
             origin=self.origin.to_dict(),
             hubprune_version=__version__,
@@ -159,8 +216,9 @@ class PrunedModel:
     """
 
     def __init__(self, model, tokenizer, record: PruneRecord, recipe: Recipe, scan: ScanResult | None = None,
-                 base=None, adapter_dir: str | None = None):
-        self.model = model
+                 base=None, adapter_dir: str | None = None, source_folder: Path | None = None):
+        self.model = model  # None for a streamed pruner's result: saving cuts the source shards
+        self.source_folder = source_folder
         self.tokenizer = tokenizer
         self.record = record
         self.recipe = recipe
@@ -194,6 +252,9 @@ class PrunedModel:
         """
         from hubprune.heal import heal_model, unshare_targets
 
+        if self.model is None:
+            raise ValueError("this model was pruned at file level and is not in memory: save it, then heal the "
+                             "saved folder (hubprune heal OUT --out HEALED, with --method qlora for big models)")
         config = replace(config or HealConfig(), **options)
         teacher = teacher if teacher is not None else self.base
         student = copy_sharing_weights(self.model)
@@ -211,10 +272,7 @@ class PrunedModel:
 
     def save_pretrained(self, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
         """Write weights (safetensors), config, tokenizer, record, recipe and scan to ``out``, atomically."""
-        protect = (self.record.origin.get("path", ""),)
-        with atomic_output(out, overwrite=overwrite, protect=protect) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
+        def extras(tmp: Path) -> None:
             self.record.save(tmp)
             if self.recipe is not None:
                 replace(self.recipe, output=str(out), overwrite=False).save(tmp / RECIPE_FILE)
@@ -225,6 +283,17 @@ class PrunedModel:
             if self.adapter_dir:
                 shutil.copytree(self.adapter_dir, tmp / "adapter")
             write_card(tmp, repo_id=Path(out).name)
+
+        if self.model is None:
+            from hubprune.filesurgery import cut_checkpoint
+
+            cut_checkpoint(self.source_folder, out, self.record.removed_layers, overwrite=overwrite, finish=extras)
+        else:
+            protect = (self.record.origin.get("path", ""),)
+            with atomic_output(out, overwrite=overwrite, protect=protect) as tmp:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                extras(tmp)
         logger.info("saved the pruned model to %s", out)
         return Path(out)
 
@@ -268,7 +337,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     p.count(num_layers)
     if p.layers is not None:
         check_layers(p.layers, num_layers)
-    pruner = LayerPruner.from_pretrained(recipe.model, **load_options)
+    pruner = LayerPruner.from_pretrained(recipe.model, streaming=recipe.streaming, **load_options)
     if p.layers is None:
         loss_sizes = [p.count(pruner.num_layers)] if p.metric == "perplexity" else []
         pruner.scan(recipe.calibration, loss_block_sizes=loss_sizes, progress=progress)

@@ -36,12 +36,17 @@ def checkpoint_bytes(folder: str | Path) -> int:
     return sum((folder / shard).stat().st_size for shard in shard_files(folder))
 
 
-def fits_in_memory(folder: str | Path, dtype_bytes: int | None = None, headroom: float = 0.6) -> bool:
-    """Whether loading the checkpoint (plus working room) fits in the available RAM."""
+def fits_in_memory(folder: str | Path, dtype: torch.dtype | str = "auto", device: torch.device | None = None,
+                   headroom: float = 0.6) -> bool:
+    """Whether loading the checkpoint at ``dtype`` (plus working room) fits in free RAM or GPU memory."""
     size = checkpoint_bytes(folder)
-    if dtype_bytes:
-        size = size * dtype_bytes // _stored_bytes(folder)
-    return size < headroom * psutil.virtual_memory().available
+    if isinstance(dtype, torch.dtype):
+        size = size * dtype.itemsize // _stored_bytes(Path(folder))
+    if device is not None and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    return size < headroom * free
 
 
 @torch.no_grad()

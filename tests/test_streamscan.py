@@ -50,3 +50,36 @@ def test_streamed_scan_equals_in_memory_scan_on_smollm2(smollm2):
     streamed = streamed_scan(folder, windows, progress=False)
     _assert_same_scores(streamed, in_memory, 1e-4)
     assert streamed.choose(6) == in_memory.choose(6)
+
+
+def test_streaming_pruner_cuts_files_like_the_in_memory_pruner(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from hubprune import LayerPruner
+    from hubprune.record import PruneRecord
+
+    outputs = {}
+    for streaming in (True, False):
+        pruner = LayerPruner.from_pretrained(tiny_model_dir, device="cpu", streaming=streaming)
+        assert pruner.streaming is streaming and pruner.num_layers == 6
+        pruner.scan(n_samples=4, seq_len=32, progress=False)
+        outputs[streaming] = pruner.prune(n_layers=2).save_pretrained(tmp_path / str(streaming))
+    streamed, in_memory = (PruneRecord.load(outputs[s]) for s in (True, False))
+    assert streamed.removed_layers == in_memory.removed_layers
+    assert (streamed.parameters_before, streamed.parameters_after) == (in_memory.parameters_before, in_memory.parameters_after)
+    a, b = load_file(outputs[True] / "model.safetensors"), load_file(outputs[False] / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (outputs[True] / "hubprune_scan.png").is_file() and (outputs[True] / "README.md").is_file()
+    pruner = LayerPruner.from_pretrained(tiny_model_dir, device="cpu", streaming=True)
+    with pytest.raises(ValueError, match="needs the model in memory"):
+        pruner.scan(n_samples=2, seq_len=16, loss_block_sizes=[2], progress=False)
+    with pytest.raises(ValueError, match="not in memory"):
+        pruner.prune(layers=[1]).heal(steps=1)
+
+
+def test_cli_streaming_flag(tiny_model_dir, tmp_path):
+    from hubprune.cli import main
+
+    assert main(["prune", str(tiny_model_dir), "--drop", "2", "--streaming", "on", "--out", str(tmp_path / "o"),
+                 "--n-samples", "2", "--seq-len", "16", "-q"]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()
