@@ -11,6 +11,7 @@ statistics as the in-memory scan (``hubprune.scan.PairStats``), so the scores ag
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import tempfile
 import time
@@ -28,6 +29,10 @@ from hubprune.filesurgery import read_header, shard_files
 from hubprune.scan import PairStats, ScanResult
 
 logger = logging.getLogger(__name__)
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
@@ -79,7 +84,7 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
     L = len(layers)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hubprune-stream-") as tmp:
-        paths = [Path(tmp) / f"state-{i}.npy" for i in range(L + 1)]
+        paths = [Path(tmp) / f"state-{i}.f32" for i in range(L + 1)]
         bar = tqdm(total=L, desc="streamed scan", unit="layer", disable=not progress)
 
         def before(index):
@@ -94,6 +99,7 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
             def hook(module, args, output):
                 for pname, _ in list(module.named_parameters()):
                     _set(model, f"{family.layers}.{index}.{pname}", None, "meta", dtype)
+                _release_freed_memory()
                 bar.update(1)
             return hook
 
@@ -112,10 +118,11 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
             bar.close()
 
         stats = PairStats(L)
-        states = [np.load(path, mmap_mode="r") for path in paths]  # each [N, T, D], normalised
-        for w in tqdm(range(len(windows.ids)), desc="pair statistics", unit="window", disable=not progress):
-            stats.add(torch.from_numpy(np.stack([s[w] for s in states], axis=1)), ends_window=True)
-        del states
+        N, T = windows.ids.shape
+        D = config.hidden_size
+        for w in tqdm(range(N), desc="pair statistics", unit="window", disable=not progress):
+            window = np.stack([_read_window(path, w, T, D) for path in paths], axis=1)  # [T, L+1, D]
+            stats.add(torch.from_numpy(window), ends_window=True)
     return stats.result(name, windows, time.perf_counter() - started)
 
 
@@ -123,7 +130,7 @@ class _TensorIndex:
     """Find and read single tensors from a checkpoint's shards by parameter name."""
 
     def __init__(self, folder: Path, prefix: str):
-        self.folder, self.prefix, self.where = folder, prefix, {}
+        self.folder, self.prefix, self.where, self.headers = folder, prefix, {}, {}
         for shard in shard_files(folder):
             header, _ = read_header(folder / shard)
             self.where.update({name: shard for name in header if name != "__metadata__"})
@@ -138,13 +145,19 @@ class _TensorIndex:
         return self._key(name) is not None
 
     def load(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
+        # Plain reads of the tensor's bytes (no mmap of the whole shard: RSS holds only this tensor).
         key = self._key(name)
         if key is None:
             raise KeyError(f"{name} is not in the checkpoint in {self.folder}")
-        with safe_open(self.folder / self.where[key], framework="pt") as f:
-            return f.get_tensor(key)
+        path = self.folder / self.where[key]
+        header, start = self.headers.setdefault(path, read_header(path))
+        info = header[key]
+        begin, end = info["data_offsets"]
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            data = bytearray(f.read(end - begin))
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]) if data else torch.empty(info["shape"], dtype=dtype)
 
 
 def _set(model, name: str, value, device, dtype) -> None:
@@ -153,8 +166,24 @@ def _set(model, name: str, value, device, dtype) -> None:
     set_module_tensor_to_device(model, name, device, value=value, dtype=dtype if value is not None else None)
 
 
+def _release_freed_memory() -> None:
+    # glibc keeps freed blocks in its arenas; hand them back so that the next layer reuses the room.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _save_state(path: Path, hidden: torch.Tensor) -> None:
-    np.save(path, F.normalize(hidden.float(), dim=-1).cpu().numpy())
+    # Raw float32 [N, T, D]; read back a window at a time with plain reads (no mmap: RSS stays flat).
+    F.normalize(hidden.float(), dim=-1).cpu().numpy().tofile(path)
+
+
+def _read_window(path: Path, window: int, tokens: int, hidden: int) -> np.ndarray:
+    size = tokens * hidden * 4
+    with path.open("rb") as f:
+        f.seek(window * size)
+        return np.frombuffer(f.read(size), dtype=np.float32).reshape(tokens, hidden)
 
 
 def _stored_bytes(folder: Path) -> int:
