@@ -3,6 +3,7 @@
     hubprune scan MODEL [--out scan.json] [--plot scan.png]
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
     hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
+    hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500]
     hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
     hubprune push DIR user/name [--private] [--create-pr]
     hubprune run recipe.yaml
@@ -106,7 +107,10 @@ def cmd_heal(args) -> int:
         logger.info("loading the original model %s as the distillation teacher", r.base_model)
         teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
     checkpoints = _checkpoint_dir(args.out)
-    healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, progress=not args.quiet)
+    from hubprune.calibration import default_corpus
+
+    heldout = default_corpus("wiki", "heldout")  # what `hubprune eval` measures: healing text must not overlap it
+    healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout, progress=not args.quiet)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # under accelerate launch, one process writes
@@ -116,6 +120,50 @@ def cmd_heal(args) -> int:
     h = healed.record.healing
     print(f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
           f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json as _json
+
+    from hubprune.card import readme_was_edited, write_card
+    from hubprune.evaluate import evaluate_model
+    from hubprune.loading import load_model
+    from hubprune.record import RECORD_FILE, PruneRecord
+
+    from hubprune.harness import TASKS
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:  # before any model is loaded
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    folder = Path(args.model)
+    record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
+    results = {}
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    results["pruned" if record else "model"] = evaluate_model(model, tokenizer, tasks, limit=args.limit, progress=not args.quiet)
+    del model
+    if record and not args.no_baseline:
+        revision = record.base_revision if record.origin.get("kind") == "hub" else None
+        base, base_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=args.dtype, device=args.device)
+        results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, progress=not args.quiet)
+    if "original" in results:
+        print(results["original"].table(results["pruned"], names=("original", "pruned")))
+    else:
+        print(next(iter(results.values())).table())
+    data = {k: v.to_dict() for k, v in results.items()}
+    if args.out:
+        Path(args.out).write_text(_json.dumps(data, indent=1))
+        print(f"results written to {args.out}")
+    if record is not None and "original" in results:
+        command = "hubprune eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "hubprune eval"
+        record.evaluation = {**data, "heldout": results["pruned"].heldout, "command": command}
+        record.save(folder)
+        if readme_was_edited(folder):
+            print(f"{folder}/README.md was edited by hand: the record has the results, the card was left alone")
+        else:
+            write_card(folder, repo_id=folder.name)
+            print(f"results added to {folder}/hubprune.json and its model card")
     return 0
 
 
@@ -232,6 +280,17 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     heal.add_argument("--device", default="auto")
     heal.set_defaults(func=cmd_heal)
+
+    ev = sub.add_parser("eval", parents=[common], help="held-out perplexity and zero-shot accuracy (harness-style)")
+    ev.add_argument("model", help="a model (Hub id, folder, .gguf); a hubprune folder is compared with its original")
+    ev.add_argument("--tasks", default="arc_easy,piqa,hellaswag",
+                    help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu")
+    ev.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
+    ev.add_argument("--no-baseline", action="store_true", help="do not evaluate the original of a pruned folder")
+    ev.add_argument("--out", help="write the results as JSON")
+    ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_eval)
 
     cut = sub.add_parser("cut", parents=[common], help="drop layers from a safetensors folder without loading the model")
     cut.add_argument("folder", help="a local transformers folder with safetensors weights")

@@ -24,3 +24,30 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = F
         total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
     return math.exp(total_nll / total_tokens)
+
+
+HELDOUT = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
+
+
+def heldout_windows(tokenizer, corpus: str = "wiki", n_samples: int = 32, seq_len: int = 256):
+    """Token windows of the default corpus's held-out split (never used for calibration or healing)."""
+    from hubprune.calibration import default_corpus, token_windows
+
+    return token_windows(tokenizer, default_corpus(corpus, "heldout"), n_samples, seq_len,
+                         f"{corpus} corpus (heldout split)")
+
+
+def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *, limit: int | None = None,
+                   heldout: dict | None = None, batch_size: int = 16, progress: bool = True):
+    """Held-out perplexity plus zero-shot tasks, as one ``hubprune.harness.EvalResult``.
+
+    Example: ``evaluate_model(model, tokenizer, ["piqa"], limit=200).table()``
+    """
+    from hubprune.harness import evaluate_tasks
+
+    heldout = {**HELDOUT, **(heldout or {})}
+    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size, progress=progress)
+    windows = heldout_windows(tokenizer, **heldout)
+    result.perplexity = perplexity(model, windows.ids, progress=progress)
+    result.heldout = f"{windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of the {windows.source}"
+    return result

@@ -1,0 +1,30 @@
+"""`hubprune eval` on a pruned folder: the original is measured too, and the card gains an eval section."""
+
+from __future__ import annotations
+
+import json
+
+from huggingface_hub import ModelCard
+
+from hubprune.cli import main
+
+
+def test_eval_records_results_and_updates_the_card(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", str(tiny_model_dir), "--layers", "1,2", "--out", str(out), "-q", "--n-samples", "2",
+                 "--seq-len", "16"]) == 0
+    assert main(["eval", str(out), "--tasks", "arc_easy,piqa", "--limit", "4", "--out", str(tmp_path / "r.json"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "arc_easy acc_norm (n=4)" in printed and "held-out perplexity" in printed
+    record = json.loads((out / "hubprune.json").read_text())
+    assert set(record["evaluation"]) >= {"original", "pruned", "heldout", "command"}
+    assert record["evaluation"]["pruned"]["tasks"]["piqa"]["n"] == 4
+    card = ModelCard.load(out / "README.md")
+    assert {r.dataset_type for r in card.data.eval_results} == {"arc_easy", "piqa", "heldout"}
+    assert "## Quality before and after" in card.text
+    assert json.loads((tmp_path / "r.json").read_text())["pruned"]["perplexity"] > 1
+
+
+def test_eval_refuses_unknown_task(tiny_model_dir, capsys):
+    assert main(["eval", str(tiny_model_dir), "--tasks", "squad", "-q"]) == 2
+    assert "unknown task 'squad'" in capsys.readouterr().err
