@@ -4,6 +4,8 @@
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
     hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
     hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500]
+    hubprune sweep MODEL --fractions 0.1,0.2,0.3 --out DIR [--heal-steps 50]
+    hubprune prune MODEL --max-quality-loss 0.05 --out DIR    (as many layers as stay within 5 %)
     hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
     hubprune push DIR user/name [--private] [--create-pr]
     hubprune run recipe.yaml
@@ -69,7 +71,8 @@ def cmd_prune(args) -> int:
     layers = _layer_list(args.layers) if args.layers else None
     recipe = Recipe(
         model=args.model,
-        prune=PruneConfig(n_layers=args.drop, fraction=args.fraction, layers=layers, metric=args.metric),
+        prune=PruneConfig(n_layers=args.drop, fraction=args.fraction, layers=layers, metric=args.metric,
+                          max_quality_loss=args.max_quality_loss, quality=args.quality),
         calibration=_calibration(args),
         output=args.out,
         overwrite=args.overwrite,
@@ -167,6 +170,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from hubprune.pruner import LayerPruner
+    from hubprune.sweep import sweep
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    metrics = [m for m in args.metrics.split(",") if m]
+    for metric in metrics:
+        if metric not in METRICS or metric == "perplexity":
+            raise ValueError(f"sweep metric {metric!r} is not one of angular_last, angular_all, block_influence")
+    heal = HealConfig(steps=args.heal_steps, distill=args.distill) if args.heal_steps else None
+    pruner = LayerPruner.from_pretrained(args.model, **_load_options(args))
+    pruner.scan(_calibration(args), progress=not args.quiet)
+    result = sweep(pruner, fractions, metrics, quality=args.quality, tasks=args.tasks.split(","), limit=args.limit,
+                   heal=heal, progress=not args.quiet)
+    files = result.save(out)
+    for p in result.points:
+        print(f"{p.metric:16s} {'healed' if p.healed else 'pruned':7s} drop {p.n_layers:3d} ({p.fraction:.0%}): "
+              f"quality {p.quality:.3f}")
+    print("written: " + ", ".join(str(f) for f in files.values()))
+    return 0
+
+
 def cmd_cut(args) -> int:
     from hubprune.filesurgery import cut_checkpoint
 
@@ -258,6 +286,10 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--drop", type=int, metavar="N", help="number of layers to drop")
     how.add_argument("--fraction", type=float, help="fraction of layers to drop, in (0, 1)")
     how.add_argument("--layers", help="explicit 0-based layers to drop, e.g. 12,13,14")
+    how.add_argument("--max-quality-loss", type=float, metavar="X",
+                     help="drop as many layers as keep quality within X (e.g. 0.05) of the original, by measuring")
+    prune.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks"],
+                       help="what --max-quality-loss measures: held-out perplexity or zero-shot tasks")
     prune.add_argument("--metric", default="angular_last", choices=METRICS)
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
@@ -291,6 +323,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
+
+    sw = sub.add_parser("sweep", parents=[common, model], help="quality against the fraction of layers dropped")
+    sw.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5")
+    sw.add_argument("--metrics", default="angular_last,block_influence")
+    sw.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks"])
+    sw.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
+    sw.add_argument("--limit", type=int, default=200, help="questions per task when --quality tasks")
+    sw.add_argument("--heal-steps", type=int, default=0, help="also heal each point for this many steps")
+    sw.add_argument("--distill", type=float, default=1.0, help="KL weight when healing")
+    sw.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv and sweep.png")
+    sw.set_defaults(func=cmd_sweep)
 
     cut = sub.add_parser("cut", parents=[common], help="drop layers from a safetensors folder without loading the model")
     cut.add_argument("folder", help="a local transformers folder with safetensors weights")

@@ -74,8 +74,10 @@ class CalibrationConfig:
 class PruneConfig:
     """How many layers to drop, and how to choose them.
 
-    Give exactly one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)) and
-    ``layers`` (explicit 0-based indices; ``metric`` is then only recorded).
+    Give exactly one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)),
+    ``layers`` (explicit 0-based indices; ``metric`` is then only recorded) and
+    ``max_quality_loss`` (drop as many layers as keep ``quality`` -- held-out perplexity or
+    zero-shot tasks -- within that fraction of the original's, found by measuring).
 
     Example: ``PruneConfig(n_layers=6, metric="angular_last")``
     """
@@ -83,13 +85,19 @@ class PruneConfig:
     n_layers: int | None = None
     fraction: float | None = None
     layers: list[int] | None = None
+    max_quality_loss: float | None = None
+    quality: str = "perplexity"
     metric: str = "angular_last"
 
     def __post_init__(self) -> None:
-        given = [name for name in ("n_layers", "fraction", "layers") if getattr(self, name) is not None]
+        given = [name for name in ("n_layers", "fraction", "layers", "max_quality_loss") if getattr(self, name) is not None]
         if len(given) != 1:
             detail = "none was" if not given else f"{' and '.join(given)} were"
-            raise ValueError(f"prune: give exactly one of n_layers, fraction or layers ({detail} given)")
+            raise ValueError(f"prune: give exactly one of n_layers, fraction, layers or max_quality_loss ({detail} given)")
+        if self.max_quality_loss is not None and not 0 < self.max_quality_loss < 1:
+            raise ValueError(f"prune.max_quality_loss is a fraction in (0, 1) such as 0.05, got {self.max_quality_loss}")
+        if self.quality not in ("perplexity", "tasks"):
+            raise ValueError(f"prune.quality must be perplexity or tasks, got {self.quality!r}")
         if self.n_layers is not None and (
             not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1
         ):
@@ -115,6 +123,8 @@ class PruneConfig:
 
     def count(self, num_layers: int) -> int:
         """The number of layers this config drops from a model with ``num_layers`` layers."""
+        if self.max_quality_loss is not None:
+            raise ValueError("a quality budget has no fixed layer count: it is found by measuring (run_recipe)")
         if self.layers is not None:
             n = len(self.layers)
         elif self.n_layers is not None:

@@ -334,14 +334,25 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     folder, _ = locate(recipe.model, revision=recipe.revision, gguf_file=recipe.gguf_file,
                        trust_remote_code=recipe.trust_remote_code)
     num_layers = num_layers_of(folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
-    p.count(num_layers)
+    if p.max_quality_loss is None:
+        p.count(num_layers)
     if p.layers is not None:
         check_layers(p.layers, num_layers)
     pruner = LayerPruner.from_pretrained(recipe.model, streaming=recipe.streaming, **load_options)
+    budget = None
     if p.layers is None:
-        loss_sizes = [p.count(pruner.num_layers)] if p.metric == "perplexity" else []
+        loss_sizes = [p.count(pruner.num_layers)] if p.metric == "perplexity" and p.max_quality_loss is None else []
         pruner.scan(recipe.calibration, loss_block_sizes=loss_sizes, progress=progress)
-    pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
+    if p.max_quality_loss is not None:
+        from hubprune.sweep import largest_drop_within
+
+        n, points = largest_drop_within(pruner, p.max_quality_loss, p.metric, quality=p.quality, progress=progress)
+        budget = {"max_quality_loss": p.max_quality_loss, "quality": p.quality, "chosen": n,
+                  "measured": [{"n_layers": q.n_layers, "quality": q.quality, "perplexity": q.perplexity} for q in points]}
+        pruned = pruner.prune(n, metric=p.metric, progress=progress)
+        pruned.record.scores["budget"] = budget
+    else:
+        pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
         pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), progress=progress)
