@@ -136,6 +136,12 @@ def cmd_eval(args) -> int:
 
     from hubprune.harness import TASKS
 
+    from accelerate import PartialState
+
+    import torch
+
+    # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
+    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:  # before any model is loaded
@@ -150,6 +156,8 @@ def cmd_eval(args) -> int:
         revision = record.base_revision if record.origin.get("kind") == "hub" else None
         base, base_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=args.dtype, device=args.device)
         results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, progress=not args.quiet)
+    if not main_process:  # every process evaluated its share; one reports
+        return 0
     if "original" in results:
         print(results["original"].table(results["pruned"], names=("original", "pruned")))
     else:

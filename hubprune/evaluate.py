@@ -15,7 +15,11 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = F
 
     Example: ``perplexity(model, token_windows(tok, default_corpus("wiki", "heldout"), 16, 256).ids)``
     """
+    from hubprune.harness import _process
+
     device = next(model.parameters()).device
+    rank, world = _process()
+    ids = ids[rank::world]  # under accelerate launch each process takes its share of the windows
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         batch = ids[start : start + batch_size].to(device)
@@ -23,6 +27,11 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = F
         targets = batch[:, 1:]
         total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
         total_tokens += targets.numel()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(total_nll, total_tokens)])
+        total_nll, total_tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
     return math.exp(total_nll / total_tokens)
 
 

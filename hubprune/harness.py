@@ -223,7 +223,9 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     """Summed log-probability of each continuation given its context, in batches (longest first)."""
     device = next(model.parameters()).device
     max_len = getattr(model.config, "max_position_embeddings", 2048) or 2048
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+    rank, world = _process()
+    mine = list(range(rank, len(requests), world))  # under accelerate launch each process scores its share
+    order = sorted(mine, key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     results = [0.0] * len(requests)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
@@ -247,7 +249,21 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
         token_logprobs = F.log_softmax(logits, -1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
         for i, total in zip(chunk, token_logprobs.split(sizes)):
             results[i] = total.sum().item()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        for i, score in gather_object([(i, results[i]) for i in mine]):
+            results[i] = score
     return results
+
+
+def _process() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless running under accelerate launch / torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _output_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,9 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 def resolve_device(device: str) -> torch.device:
     """A device string ("auto", "cpu", "cuda", "cuda:1", "mps") -> a torch device."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process under accelerate
     try:
         resolved = torch.device(device)
     except RuntimeError:

@@ -28,3 +28,25 @@ def test_eval_records_results_and_updates_the_card(tiny_model_dir, tmp_path, cap
 def test_eval_refuses_unknown_task(tiny_model_dir, capsys):
     assert main(["eval", str(tiny_model_dir), "--tasks", "squad", "-q"]) == 2
     assert "unknown task 'squad'" in capsys.readouterr().err
+
+
+def test_eval_under_accelerate_launch_equals_one_process(tiny_model_dir, tmp_path):
+    """Two gloo processes (accelerate launch --multi_gpu on a CPU machine) score their shares and agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    args = ["eval", str(tiny_model_dir), "--tasks", "arc_easy,piqa", "--limit", "6", "-q"]
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hubprune.cli", *args,
+                             "--out", str(tmp_path / "two.json")],
+                            capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f).read_text())["model"] for f in ("one.json", "two.json"))
+    assert one["tasks"] == two["tasks"]
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
