@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["hub_fixtures"]  # the `hub` fixture: a local Hugging Face Hub server (tests/hubserver.py)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub; the Hub tests run their own server
 
 
