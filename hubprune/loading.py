@@ -211,6 +211,9 @@ def _locate_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> 
     commit = getattr(AutoConfig.from_pretrained(repo_id, **kwargs), "_commit_hash", None)
     card = {}
     if not offline:
+        from huggingface_hub import HfApi
+
+        commit = HfApi().model_info(repo_id, revision=revision).sha or commit  # pin the exact commit
         from huggingface_hub import hf_hub_download
 
         try:

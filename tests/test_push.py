@@ -118,3 +118,27 @@ def test_cli_push_and_python_push_to_hub(hub, folder, tiny_model_dir, capsys):
     pruned.push_to_hub(f"{hub.user}/api", token=hub.token)
     record = json.loads(hub.server.files(f"{hub.user}/api")["hubprune.json"])
     assert record["removed_layers"] == [0]
+
+
+def test_prune_a_hub_model_by_id(hub, tiny_model_dir, tmp_path):
+    """The Hub code path: a Hub id is resolved to a commit, its card's license is carried into the pruned card."""
+    import shutil
+
+    from huggingface_hub import HfApi, ModelCard
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: LICENSE\n"
+                                   "tags:\n- tiny\n---\n# tiny\n")
+    repo = f"{hub.user}/tiny-base"
+    api = HfApi(token=hub.token)
+    api.create_repo(repo)
+    commit = api.upload_folder(folder_path=src, repo_id=repo).oid
+    pruner = LayerPruner.from_pretrained(repo, device="cpu")
+    assert pruner.origin.kind == "hub" and pruner.origin.revision == commit
+    out = pruner.prune(layers=[1]).save_pretrained(tmp_path / "pruned")
+    data = ModelCard.load(out / "README.md").data.to_dict()
+    assert data["base_model"] == repo
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "tiny-license", "LICENSE")
+    assert "tiny" in data["tags"]
+    assert PruneRecord.load(out).base_revision == commit
