@@ -186,15 +186,17 @@ def unshare_targets(model: nn.Module, targets: list[str]) -> None:
 
 
 def _loss(model, teacher, batch: torch.Tensor, config: HealConfig) -> torch.Tensor:
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
-    lm = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    # Labels are shifted by padding rather than logits by slicing: no copy of the [B, T, V] logits.
+    logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
+    labels = F.pad(batch[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+    lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if not config.distill:
         return lm
     with torch.no_grad():
-        target = teacher(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        target = teacher(input_ids=batch, use_cache=False).logits.float()
     t = config.temperature
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
-    kl = kl.sum(-1).mean() * t * t
+    kl = kl.sum(-1)[:, :-1].mean() * t * t  # per token, over the positions that predict a token
     return (1 - config.distill) * lm + config.distill * kl
 
 
