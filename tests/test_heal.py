@@ -120,3 +120,18 @@ def test_two_processes_under_accelerate_launch_equal_one_with_the_same_global_ba
     a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_with_healing(tiny_model_dir, tmp_path):
+    from hubprune.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model_dir}\ncalibration: {{n_samples: 2, seq_len: 16}}\n"
+                      "prune: {n_layers: 2}\nheal: {steps: 3, batch_size: 2, seq_len: 32, distill: 1.0}\n"
+                      f"output: {tmp_path / 'out'}\n")
+    assert main(["run", str(recipe), "-q"]) == 0
+    record = json.loads((tmp_path / "out" / "hubprune.json").read_text())
+    assert record["healing"]["steps"] == 3 and record["healing"]["method"] == "lora+distill"
+    assert "heal:" in (tmp_path / "out" / "hubprune_recipe.yaml").read_text()
+    assert "## Healing" in (tmp_path / "out" / "README.md").read_text()
+    assert not list(tmp_path.glob(".out.heal-checkpoints"))
