@@ -129,7 +129,7 @@ def cut_checkpoint(
         else:
             _write_record(tmp, source, removed, kept, num_layers)
             Recipe(model=str(source.resolve()), prune=PruneConfig(layers=removed)).save(tmp / RECIPE_FILE)
-            write_card(tmp)
+            write_card(tmp, repo_id=Path(out).name)  # not the temporary folder's name
     logger.info("cut layers %s from %s into %s (%d shards)", removed, source, out, len(plan))
     return Path(out)
 

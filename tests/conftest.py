@@ -42,6 +42,26 @@ def tiny_llama(num_layers: int = 6, vocab_size: int = 300, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_gpt2(num_layers: int = 6, seed: int = 0):
+    """A random GPT-2 (Conv1D projections, stored [in, out]) for surgery and merge tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=num_layers, vocab_size=300, n_positions=64)).eval()
+
+
+def checkpoint_tensors(folder: Path) -> dict:
+    """Every tensor of a safetensors checkpoint folder (one file or several shards), by name."""
+    from safetensors.torch import load_file
+
+    from hubprune.filesurgery import shard_files
+
+    tensors = {}
+    for shard in shard_files(Path(folder)):
+        tensors.update(load_file(Path(folder) / shard))
+    return tensors
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

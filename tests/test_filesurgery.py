@@ -6,24 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import checkpoint_tensors as _tensors
+from conftest import tiny_gpt2 as _gpt2
 from hubprune.filesurgery import INDEX_FILE, cut_checkpoint, shard_files
 from hubprune.surgery import drop_layers
-
-
-def _tensors(folder):
-    tensors = {}
-    for shard in shard_files(folder):
-        tensors.update(load_file(folder / shard))
-    return tensors
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=6, vocab_size=300, n_positions=64)).eval()
 
 
 def _qwen2():
@@ -58,6 +45,7 @@ def test_cut_equals_in_memory_surgery(tmp_path, tokenizer, build, shard_size):
         index = json.loads((out / INDEX_FILE).read_text())
         assert set(index["weight_map"]) == set(file_tensors) and len(shard_files(out)) > 1
     assert (out / "tokenizer.json").is_file()
+    assert 'from_pretrained("file")' in (out / "README.md").read_text()  # the card names the output, not its temp folder
     record = json.loads((out / "hubprune.json").read_text())
     assert record["removed_layers"] == drop and record["kept_layers"] == [0, 3, 5]
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
