@@ -105,25 +105,35 @@ def cmd_heal(args) -> int:
         distill=args.distill, keep_adapter=args.keep_adapter,
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
     )
-    pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
-    teacher = None
-    if config.distill > 0:
-        r = pruned.record
-        revision = r.base_revision if r.origin.get("kind") == "hub" else None
-        logger.info("loading the original model %s as the distillation teacher", r.base_model)
-        teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
     checkpoints = _checkpoint_dir(args.out)
+    from accelerate import PartialState
+
     from hubprune.calibration import default_corpus
 
     heldout = default_corpus("wiki", "heldout")  # what `hubprune eval` measures: healing text must not overlap it
-    healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout, progress=not args.quiet)
-    from accelerate import PartialState
+    if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
+        from hubprune.qlora import heal_checkpoint
 
-    if not PartialState().is_main_process:  # under accelerate launch, one process writes
-        return 0
-    healed.save_pretrained(args.out, overwrite=args.overwrite)
+        _, report = heal_checkpoint(args.folder, args.out, config, checkpoint_dir=checkpoints, eval_texts=heldout,
+                                    device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+        if not PartialState().is_main_process:
+            return 0
+        h = report.to_dict()
+    else:
+        pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
+        teacher = None
+        if config.distill > 0:
+            r = pruned.record
+            revision = r.base_revision if r.origin.get("kind") == "hub" else None
+            logger.info("loading the original model %s as the distillation teacher", r.base_model)
+            teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
+        healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout,
+                             progress=not args.quiet)
+        if not PartialState().is_main_process:  # under accelerate launch, one process writes
+            return 0
+        healed.save_pretrained(args.out, overwrite=args.overwrite)
+        h = healed.record.healing
     shutil.rmtree(checkpoints, ignore_errors=True)
-    h = healed.record.healing
     print(f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
           f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}")
     return 0
@@ -137,7 +147,7 @@ def cmd_eval(args) -> int:
     from hubprune.loading import load_model
     from hubprune.record import RECORD_FILE, PruneRecord
 
-    from hubprune.harness import TASKS
+    from hubprune.tasks import TASKS
 
     from accelerate import PartialState
 
@@ -332,7 +342,8 @@ def _parser() -> argparse.ArgumentParser:
     heal = sub.add_parser("heal", parents=[common], help="heal a pruned folder with LoRA (and distillation)")
     heal.add_argument("folder", help="a folder written by hubprune prune")
     heal.add_argument("--out", required=True, help="output folder for the healed model")
-    heal.add_argument("--method", default="lora", choices=["lora", "qlora"])
+    heal.add_argument("--method", default="lora", choices=["lora", "qlora"],
+                      help="qlora: load the folder in 4-bit NF4 (never in full precision), merge at file level")
     heal.add_argument("--steps", type=int, default=200)
     heal.add_argument("--batch-size", type=int, default=4)
     heal.add_argument("--grad-accum", type=int, default=1)
@@ -344,7 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)")
     heal.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
     heal.add_argument("--corpus", default="wiki")
-    heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="lora only (qlora computes in bfloat16; merged weights keep their stored dtype)")
     heal.add_argument("--device", default="auto")
     heal.set_defaults(func=cmd_heal)
 

@@ -15,10 +15,10 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = F
 
     Example: ``perplexity(model, token_windows(tok, default_corpus("wiki", "heldout"), 16, 256).ids)``
     """
-    from hubprune.harness import _process
+    from hubprune.tasks import process_share
 
     device = next(model.parameters()).device
-    rank, world = _process()
+    rank, world = process_share()
     ids = ids[rank::world]  # under accelerate launch each process takes its share of the windows
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
@@ -48,11 +48,11 @@ def heldout_windows(tokenizer, corpus: str = "wiki", n_samples: int = 32, seq_le
 
 def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *, limit: int | None = None,
                    heldout: dict | None = None, batch_size: int = 16, progress: bool = True):
-    """Held-out perplexity plus zero-shot tasks, as one ``hubprune.harness.EvalResult``.
+    """Held-out perplexity plus zero-shot tasks, as one ``hubprune.tasks.EvalResult``.
 
     Example: ``evaluate_model(model, tokenizer, ["piqa"], limit=200).table()``
     """
-    from hubprune.harness import evaluate_tasks
+    from hubprune.tasks import evaluate_tasks
 
     heldout = {**HELDOUT, **(heldout or {})}
     result = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size, progress=progress)

@@ -97,7 +97,7 @@ class QualityMeter:
     def measure_raw(self, model) -> dict:
         result = {"perplexity": perplexity(model, self.windows.ids)}
         if self.quality == "tasks":
-            from hubprune.harness import evaluate_tasks
+            from hubprune.tasks import evaluate_tasks
 
             scores = evaluate_tasks(model, self.pruner.tokenizer, self.tasks, limit=self.limit, progress=False)
             result["tasks"] = {k: asdict(v) for k, v in scores.tasks.items()}
