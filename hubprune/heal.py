@@ -156,11 +156,13 @@ def heal_model(
     peft_model = accelerator.unwrap_model(peft_model)
     if adapter_dir is not None and accelerator.is_main_process:
         peft_model.save_pretrained(adapter_dir)
-    if config.method == "qlora":  # merge into the full-precision weights, not the 4-bit ones
+    loaded_4bit = config.method == "qlora" and _is_4bit(model)
+    if config.method == "qlora" and not loaded_4bit:  # merge into the full-precision weights, not the 4-bit ones
         adapter = get_peft_model_state_dict(peft_model)
         peft_model = get_peft_model(model, lora)
         set_peft_model_state_dict(peft_model, adapter)
-    healed = peft_model.merge_and_unload()
+    # A model loaded in 4-bit (hubprune.qlora) comes back unmerged: its adapter is merged at file level.
+    healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
     healed.config.use_cache = True
     healed.eval().requires_grad_(False)
     done = config.steps - start
@@ -246,23 +248,46 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(f.name, path)
 
 
-def _require_qlora() -> None:
+def _require_qlora(device: torch.device | None = None) -> None:
+    # QLoRA runs where bitsandbytes runs 4-bit NF4: a CUDA GPU, or the CPU with a build that has CPU kernels.
     import importlib.util
 
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("heal.method qlora needs a CUDA GPU and the bitsandbytes package; "
-                         "use method: lora here (or install bitsandbytes on a GPU machine)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("heal.method qlora needs the bitsandbytes package (pip install 'hubprune[qlora]'); "
+                         "use method: lora without it")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not _nf4_on_cpu():
+        raise ValueError("heal.method qlora needs a CUDA GPU here: this bitsandbytes cannot run 4-bit NF4 on the "
+                         "CPU (bitsandbytes 0.50.2 can); use method: lora on a CPU, or upgrade bitsandbytes")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"heal.method qlora runs on a CUDA GPU or the CPU, not on {device}; use method: lora there")
+
+
+def _nf4_on_cpu() -> bool:
+    try:
+        import bitsandbytes.functional as bnb
+
+        packed, state = bnb.quantize_4bit(torch.ones(64, dtype=torch.bfloat16), quant_type="nf4")
+        return bool(torch.allclose(bnb.dequantize_4bit(packed, state).float(), torch.ones(64)))
+    except Exception as err:  # no CPU kernels in this build, or an old release
+        logger.info("bitsandbytes cannot quantize to NF4 on the CPU: %s", err)
+        return False
+
+
+def _is_4bit(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
 
 
 def _quantized_copy(model: nn.Module) -> nn.Module:
-    # QLoRA: reload the (pruned) weights in 4-bit NF4 with bf16 compute, ready for k-bit training.
+    # QLoRA: the (pruned) weights in 4-bit NF4 with bf16 compute, ready for k-bit training. A model
+    # already loaded in 4-bit (hubprune.qlora.load_4bit) is used as it is; otherwise it is reloaded.
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        device = torch.cuda.current_device()
-        quantized = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quantization, device_map={"": device})
-    return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=True)
+    from hubprune.qlora import load_4bit
+
+    if not _is_4bit(model):
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            model = load_4bit(tmp, device)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

@@ -59,7 +59,7 @@ def test_rerun_resumes_from_the_checkpoint_exactly(pruned, tmp_path):
         pruned.heal(HealConfig(**{**FAST, "learning_rate": 5e-3}), checkpoint_dir=tmp_path, progress=False)
 
 
-def test_refusals(pruned):
+def test_refusals(pruned, monkeypatch):
     from hubprune.calibration import default_corpus
 
     train = default_corpus("wiki", "train")
@@ -70,8 +70,18 @@ def test_refusals(pruned):
         orphan.heal(HealConfig(**FAST, distill=0.5), progress=False)
     with pytest.raises(ValueError, match="heal.distill is a loss weight in"):
         HealConfig(distill=1.5)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
+    import importlib.util
+
+    import hubprune.heal as heal
+
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+        with pytest.raises(ValueError, match="qlora needs the bitsandbytes package.*use method: lora"):
+            heal._require_qlora()
+    monkeypatch.setattr(heal, "_nf4_on_cpu", lambda: False)  # a bitsandbytes build without CPU kernels
+    if importlib.util.find_spec("bitsandbytes") is not None and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="qlora needs a CUDA GPU here.*use method: lora on a CPU"):
             pruned.heal(HealConfig(**FAST, method="qlora"), progress=False)
 
 
