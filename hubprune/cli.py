@@ -3,7 +3,7 @@
     hubprune scan MODEL [--out scan.json] [--plot scan.png]
     hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
     hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
-    hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500]
+    hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500 | --sample 2000]
     hubprune sweep MODEL --fractions 0.1,0.2,0.3 --out DIR [--heal-steps 50]
     hubprune prune MODEL --max-quality-loss 0.05 --out DIR    (as many layers as stay within 5 %)
     hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
@@ -163,12 +163,14 @@ def cmd_eval(args) -> int:
     record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
     results = {}
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-    results["pruned" if record else "model"] = evaluate_model(model, tokenizer, tasks, limit=args.limit, progress=not args.quiet)
+    results["pruned" if record else "model"] = evaluate_model(model, tokenizer, tasks, limit=args.limit,
+                                                              sample=args.sample, progress=not args.quiet)
     del model
     if record and not args.no_baseline:
         revision = record.base_revision if record.origin.get("kind") == "hub" else None
         base, base_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=args.dtype, device=args.device)
-        results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, progress=not args.quiet)
+        results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, sample=args.sample,
+                                            progress=not args.quiet)
     if not main_process:  # every process evaluated its share; one reports
         return 0
     if "original" in results:
@@ -365,6 +367,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default="arc_easy,piqa,hellaswag",
                     help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu")
     ev.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
+    ev.add_argument("--sample", type=int, help="N evenly spaced questions of each task instead of the first N")
     ev.add_argument("--no-baseline", action="store_true", help="do not evaluate the original of a pruned folder")
     ev.add_argument("--out", help="write the results as JSON")
     ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])

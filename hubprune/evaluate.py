@@ -47,6 +47,7 @@ def heldout_windows(tokenizer, corpus: str = "wiki", n_samples: int = 32, seq_le
 
 
 def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *, limit: int | None = None,
+                   sample: int | None = None,
                    heldout: dict | None = None, batch_size: int = 16, progress: bool = True):
     """Held-out perplexity plus zero-shot tasks, as one ``hubprune.tasks.EvalResult``.
 
@@ -55,7 +56,8 @@ def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *,
     from hubprune.tasks import evaluate_tasks
 
     heldout = {**HELDOUT, **(heldout or {})}
-    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=batch_size, progress=progress)
+    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size,
+                            progress=progress)
     windows = heldout_windows(tokenizer, **heldout)
     result.perplexity = perplexity(model, windows.ids, progress=progress)
     result.heldout = f"{windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of the {windows.source}"

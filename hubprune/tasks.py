@@ -292,16 +292,24 @@ TASKS: dict[str, Callable[[int | None], list[Doc]]] = {
 }
 
 
-def load_task(name: str, limit: int | None = None) -> list[Doc]:
-    """The questions of a task in split order: the first ``limit`` (per subject for mmlu).
+def load_task(name: str, limit: int | None = None, sample: int | None = None) -> list[Doc]:
+    """The questions of a task in split order: all, the first ``limit`` (per subject for mmlu, as
+    the harness's ``--limit``), or ``sample`` questions evenly spaced over the whole split (question
+    floor(i * size / sample) for i < sample: a fixed subset that covers every part of the split).
 
     Example: ``load_task("piqa", limit=2)[0].requests[0]`` -> ``("Question: How do I ...\\nAnswer:", " Provide ...")``
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None (all questions), got {limit!r}")
-    return TASKS[name](limit)
+    for key, value in (("limit", limit), ("sample", sample)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{key} must be a positive integer or None (all questions), got {value!r}")
+    if limit is not None and sample is not None:
+        raise ValueError("give limit (the first questions) or sample (evenly spaced questions), not both")
+    docs = TASKS[name](limit)
+    if sample is None or sample >= len(docs):
+        return docs
+    return [docs[i * len(docs) // sample] for i in range(sample)]
 
 
 # ---------------------------------------------------------------- tokenization and scoring, as HFLM
@@ -528,11 +536,12 @@ def score_docs(name: str, docs: Sequence[Doc], lls: Sequence[float]) -> TaskScor
 
 
 def evaluate_tasks(model, tokenizer, tasks: Iterable[str] | str = DEFAULT_TASKS, limit: int | None = None,
-                   batch_size: int = 16, progress: bool = True) -> EvalResult:
+                   batch_size: int = 16, progress: bool = True, sample: int | None = None) -> EvalResult:
     """Zero-shot acc and acc_norm of ``model`` on each task, as lm-evaluation-harness reports them.
 
     ``limit`` takes the first questions of each task (of each MMLU subject, as the harness
-    does). ``mmlu`` is the harness's group score: the mean over all questions (subjects
+    does); ``sample`` takes that many evenly spaced questions of each task instead (see
+    ``load_task``). ``mmlu`` is the harness's group score: the mean over all questions (subjects
     weighted by size) with the pooled standard error. Chance is the mean of 1/#choices.
 
     Example: ``evaluate_tasks(model, tokenizer, ["arc_easy", "piqa"], limit=100).table()``
@@ -543,7 +552,7 @@ def evaluate_tasks(model, tokenizer, tasks: Iterable[str] | str = DEFAULT_TASKS,
         raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(TASKS)}")
     result = EvalResult()
     for name in names:
-        docs = load_task(name, limit)
+        docs = load_task(name, limit, sample)
         requests = [request for doc in docs for request in doc.requests]
         lls = loglikelihoods(model, tokenizer, requests, batch_size, progress, desc=name)
         score = result.tasks[name] = score_docs(name, docs, lls)

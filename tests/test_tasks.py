@@ -268,3 +268,14 @@ def test_side_by_side_table_gives_the_share_above_chance_kept():
     assert "x1.250" in table  # perplexity ratio
     with pytest.raises(ValueError, match="no scores for"):
         pruned.above_chance(["hellaswag"])
+
+
+def test_sample_takes_evenly_spaced_questions_over_the_whole_split():
+    full = load_task("hellaswag")
+    picked = load_task("hellaswag", sample=4)
+    assert picked == [full[0], full[2510], full[5021], full[7531]]  # floor(i * 10042 / 4)
+    assert load_task("piqa", sample=5000) == load_task("piqa")  # more than the split: all of it
+    with pytest.raises(ValueError, match="not both"):
+        load_task("piqa", limit=3, sample=3)
+    with pytest.raises(ValueError, match="sample must be a positive integer"):
+        load_task("piqa", sample=0)
