@@ -24,6 +24,9 @@ class Family:
     layers: str = "model.layers"
     final_norm: str = "model.norm"
     lora_targets: tuple[str, ...] = _LLAMA_LIKE
+    # The layer's MLP output projection, where its output is added straight to the residual
+    # stream (None where the family normalises it first): what hubprune.refit refits.
+    mlp_out: str | None = "mlp.down_proj"
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -31,18 +34,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", ("mistral",)),
     Family("qwen2", ("qwen2",)),
     Family("qwen3", ("qwen3",)),
-    Family("gemma2", ("gemma2",)),
-    Family("gemma3", ("gemma3_text",)),
+    Family("gemma2", ("gemma2",), mlp_out=None),  # post-feedforward norm
+    Family("gemma3", ("gemma3_text",), mlp_out=None),
     Family("phi3", ("phi3",), lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    Family("olmo2", ("olmo2",)),
+    Family("olmo2", ("olmo2",), mlp_out=None),
     Family(
         "gpt_neox",
         ("gpt_neox",),
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
         lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        mlp_out="mlp.dense_4h_to_h",
     ),
-    Family("gpt2", ("gpt2",), layers="transformer.h", final_norm="transformer.ln_f", lora_targets=("c_attn", "c_proj", "c_fc")),
+    Family("gpt2", ("gpt2",), layers="transformer.h", final_norm="transformer.ln_f", lora_targets=("c_attn", "c_proj", "c_fc"),
+           mlp_out="mlp.c_proj"),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
