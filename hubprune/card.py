@@ -253,9 +253,18 @@ def _healing_rows(record: PruneRecord) -> list[dict]:
             ("LoRA", f"r={c.get('lora_r')}, alpha={c.get('lora_alpha')}, on {', '.join(c.get('target_modules') or ['the family default projections'])}"),
             ("learning rate", f"{c.get('learning_rate')} (warm-up {c.get('warmup_steps')} steps, cosine)"),
             ("batch", f"{c.get('batch_size')} x {c.get('seq_len')} tokens x {c.get('grad_accum')} accumulation"),
+            *_refit_rows(h.get("refit", {})),
             ("loss", f"{h['first_loss']:.3f} -> {h['final_loss']:.3f}"),
             ("time", f"{h['seconds']:.0f} s at {h['tokens_per_second']:.0f} tokens/s")]
     return [{"name": k, "value": v} for k, v in rows]
+
+
+def _refit_rows(refit: dict) -> list[tuple[str, str]]:
+    # One row per repaired gap: which layer's MLP output projection was refit, and how well it fits.
+    return [("refit", f"layer {g['refit_layer']} {g['module']} refit by least squares for the removed "
+                      f"[{g['removed'][0]}, {g['removed'][1]}) ({refit['tokens']:,} tokens; fit error "
+                      f"{g['relative_error_before']:.2f} -> {g['relative_error_after']:.2f})")
+            for g in refit.get("gaps", [])]
 
 
 def _method_text(h: dict) -> str:

@@ -102,7 +102,7 @@ def cmd_heal(args) -> int:
     config = HealConfig(
         method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         seq_len=args.seq_len, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-        distill=args.distill, keep_adapter=args.keep_adapter,
+        distill=args.distill, keep_adapter=args.keep_adapter, refit=not args.no_refit,
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
     )
     checkpoints = _checkpoint_dir(args.out)
@@ -122,11 +122,16 @@ def cmd_heal(args) -> int:
     else:
         pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
         teacher = None
-        if config.distill > 0:
+        if config.distill > 0 or config.refit:  # both read the original
             r = pruned.record
             revision = r.base_revision if r.origin.get("kind") == "hub" else None
-            logger.info("loading the original model %s as the distillation teacher", r.base_model)
-            teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
+            logger.info("loading the original model %s as the teacher", r.base_model)
+            try:
+                teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
+            except (OSError, ValueError) as err:
+                if config.distill > 0:
+                    raise
+                logger.warning("the original %s could not be loaded (%s); healing without refit", r.base_model, err)
         healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout,
                              progress=not args.quiet)
         if not PartialState().is_main_process:  # under accelerate launch, one process writes
@@ -353,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--lr", type=float, default=2e-4)
     heal.add_argument("--lora-r", type=int, default=8)
     heal.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the original, in [0, 1]")
+    heal.add_argument("--no-refit", action="store_true",
+                      help="skip the closed-form refit of the layer before each gap (done before LoRA by default)")
     heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
     heal.add_argument("--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)")
     heal.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")

@@ -157,6 +157,13 @@ class HealConfig:
     ``seq_len`` and ``n_samples`` are not used: ``steps`` decides how much text is read).
     The adapter is merged into a plain checkpoint; ``keep_adapter`` also saves it.
 
+    ``refit`` (on by default) first repairs each gap in closed form (``hubprune.refit``):
+    the MLP output projection of the last kept layer before the gap is refit by ridge least
+    squares, on ``refit_tokens`` tokens of the healing text, so that the layer's output
+    approximates the original's residual stream after the removed block. It needs the
+    original model (as for ``distill``) and is skipped for QLoRA and for families that
+    normalise their MLP output (Gemma 2/3, OLMo 2).
+
     Example (YAML)::
 
         heal:
@@ -179,6 +186,9 @@ class HealConfig:
     distill: float = 0.0
     temperature: float = 1.0
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
+    refit: bool = True
+    refit_tokens: int = 32768
+    refit_ridge: float = 1e-3
     checkpoint_every: int = 50
     keep_adapter: bool = False
     seed: int = 0
@@ -186,7 +196,8 @@ class HealConfig:
     def __post_init__(self) -> None:
         if self.method not in HEAL_METHODS:
             raise ValueError(f"heal.method {self.method!r} is unknown; choose one of {', '.join(HEAL_METHODS)}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "checkpoint_every"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "checkpoint_every",
+                     "refit_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"heal.{name} must be a positive integer, got {value!r}")
@@ -200,6 +211,11 @@ class HealConfig:
             raise ValueError(f"heal.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"heal.temperature must be positive, got {self.temperature}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"heal.refit must be true or false, got {self.refit!r}")
+        if not self.refit_ridge > 0:
+            raise ValueError(f"heal.refit_ridge must be positive (it keeps the refit near the original weights), "
+                             f"got {self.refit_ridge}")
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Heal a pruned model: LoRA (or 4-bit QLoRA) on the kept layers, optionally distilled.
 
+With ``refit`` (the default, when the removed layers and the original are known), each gap
+is first repaired in closed form (``hubprune.refit``); LoRA training then starts from there.
 The loss is ``(1 - distill) * LM + distill * T^2 * KL(teacher || student)`` on the token
 distributions at temperature T; the teacher (the unpruned original) runs once per batch
 without gradients. Training runs on one device or, under ``accelerate launch``, on
@@ -47,6 +49,7 @@ class HealReport:
     first_loss: float
     final_loss: float
     resumed_from: int = 0
+    refit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
@@ -64,6 +67,7 @@ def heal_model(
     eval_texts: list[str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     adapter_dir: str | os.PathLike | None = None,
+    removed: list[int] | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, HealReport]:
     """Train LoRA adapters on ``model``'s kept layers, merge them, and return the healed model.
@@ -71,6 +75,8 @@ def heal_model(
     ``model`` is changed in place (wrap a copy if the original must survive). ``data``: a
     list of strings, file path(s), a ``datasets.Dataset``, or None for ``config.data``.
     ``eval_texts``: the evaluation text, refused if it shares a document with the healing text.
+    ``removed``: the original's 0-based layers missing from ``model``; with ``teacher`` (the
+    original) it lets ``config.refit`` repair each gap before training.
 
     Example: ``healed, report = heal_model(pruned.model, tok, HealConfig(steps=100, distill=0.5), teacher=original)``
     """
@@ -88,6 +94,11 @@ def heal_model(
     windows = _healing_windows(tokenizer, config, data, world)
     if eval_texts is not None:
         check_disjoint(windows.texts, eval_texts)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval()
+    refit = _refit(model, teacher, removed, windows, config, progress and accelerator.is_local_main_process)
+    if not config.distill:
+        teacher = None  # only the refit needed it
 
     targets = list(config.target_modules or family_of(model).lora_targets)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -101,8 +112,6 @@ def heal_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
     # The scheduler is not prepared: accelerate would step it once per process.
     peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval()
 
     key = _config_key(config, model, windows)
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
@@ -171,7 +180,7 @@ def heal_model(
         tokens=config.steps * tokens_per_step, seconds=round(seconds, 1),
         tokens_per_second=round(done * tokens_per_step / seconds, 1) if done else 0.0,
         first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
-        resumed_from=start, config=asdict(replace(config, data=None)),
+        resumed_from=start, refit=refit, config=asdict(replace(config, data=None)),
         data={"source": windows.source, "windows": len(windows.ids), "tokens": windows.num_tokens,
               "fingerprint": windows.fingerprint()},
     )
@@ -202,8 +211,30 @@ def _loss(model, teacher, batch: torch.Tensor, config: HealConfig) -> torch.Tens
     return (1 - config.distill) * lm + config.distill * kl
 
 
+def _refit(model: nn.Module, teacher: nn.Module | None, removed: list[int] | None, windows: TokenWindows,
+           config: HealConfig, progress: bool) -> dict:
+    """Refit the layer before each gap in place (hubprune.refit) where the config asks and it can be done."""
+    from hubprune.refit import can_refit, refit_gaps
+
+    if not config.refit:
+        return {}
+    reason = ("the weights are trained in 4-bit" if config.method == "qlora"
+              else "the removed layers are not known" if removed is None
+              else "no original model (teacher) was given" if teacher is None
+              else f"{family_of(model).name} normalises its MLP output" if not can_refit(model) else None)
+    if reason:
+        logger.info("heal.refit skipped: %s", reason)
+        return {"skipped": reason}
+    count = max(1, min(len(windows.ids), config.refit_tokens // windows.ids.size(1)))
+    report = refit_gaps(model, teacher, removed, windows.ids[:count], ridge=config.refit_ridge,
+                        batch_size=config.batch_size, progress=progress)
+    return report.to_dict()
+
+
 def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int) -> TokenWindows:
     needed = config.steps * config.batch_size * config.grad_accum * world
+    if config.refit:  # the refit reads the first refit_tokens of the healing text
+        needed = max(needed, -(-config.refit_tokens // config.seq_len))
     sizes = replace(config.data, n_samples=needed, seq_len=config.seq_len)
     windows = calibration_windows(tokenizer, data, sizes, corpus_split="train")
     if len(windows.ids) < needed:

@@ -262,7 +262,8 @@ class PrunedModel:
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
         adapter_dir = healed._adapter.name if config.keep_adapter else None
         model, report = heal_model(student, self.tokenizer, config, teacher=teacher, data=data, eval_texts=eval_texts,
-                                   checkpoint_dir=checkpoint_dir, adapter_dir=adapter_dir, progress=progress)
+                                   checkpoint_dir=checkpoint_dir, adapter_dir=adapter_dir,
+                                   removed=self.record.removed_layers, progress=progress)
         healed.model, healed.adapter_dir = model, adapter_dir
         healed.record = replace(self.record, healing=report.to_dict(),
                                 parameters_after=count_parameters(model))

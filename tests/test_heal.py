@@ -145,3 +145,23 @@ def test_recipe_with_healing(tiny_model_dir, tmp_path):
     assert "heal:" in (tmp_path / "out" / "hubprune_recipe.yaml").read_text()
     assert "## Healing" in (tmp_path / "out" / "README.md").read_text()
     assert not list(tmp_path.glob(".out.heal-checkpoints"))
+
+
+def test_heal_refits_the_layer_before_the_gap_first_and_records_it(pruned):
+    """The default heal repairs the gap [2, 4) by refitting kept layer 1's down_proj before LoRA (hubprune.refit)."""
+    refit_only = pruned.heal(HealConfig(**{**FAST, "steps": 1, "learning_rate": 1e-9}), progress=False)
+    gaps = refit_only.record.healing["refit"]["gaps"]
+    assert [(g["removed"], g["refit_layer"], g["module"]) for g in gaps] == [([2, 4], 1, "mlp.down_proj")]
+    assert gaps[0]["relative_error_after"] < gaps[0]["relative_error_before"]
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(refit_only.model.state_dict()[down], pruned.model.state_dict()[down])
+    assert torch.equal(pruned.model.state_dict()[down], pruned.base.state_dict()[down])  # sources untouched
+
+    plain = pruned.heal(HealConfig(**{**FAST, "steps": 1, "learning_rate": 1e-9}, refit=False), progress=False)
+    assert plain.record.healing["refit"] == {}
+    torch.testing.assert_close(plain.model.state_dict()[down], pruned.model.state_dict()[down])
+    orphan = type(pruned)(pruned.model, pruned.tokenizer, pruned.record, pruned.recipe)  # no original in memory
+    assert orphan.heal(HealConfig(**{**FAST, "steps": 1}), progress=False).record.healing["refit"] == {
+        "skipped": "no original model (teacher) was given"}
+    with pytest.raises(ValueError, match="heal.refit_ridge must be positive"):
+        HealConfig(refit_ridge=0)
