@@ -5,13 +5,14 @@
 Both sides train the same LoRA (r=8 on the family's projections) of the same pruned
 model on the same windows, batch 4 x 256, AdamW; the plain side is the loop a peft user
 writes by hand (``model(input_ids, labels=input_ids).loss.backward()``). Prints tokens/s
-of each, their ratio (goal >= 0.95), and the peak memory each adds. With --distill the
+of each (medians of interleaved runs), their ratio (goal >= 0.95), and the peak memory each adds. With --distill the
 hubprune side also runs the teacher (reported as a separate line, not in the ratio).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from _common import PeakMemory  # noqa: E402
 from hubprune import LayerPruner  # noqa: E402
 from hubprune.config import HealConfig  # noqa: E402
 from hubprune.families import family_of  # noqa: E402
-from hubprune.heal import _batch, _healing_windows, heal_model, unshare_targets  # noqa: E402
+from hubprune.heal import _batch, _healing_windows, heal_model  # noqa: E402
 from hubprune.surgery import copy_sharing_weights  # noqa: E402
 
 
@@ -53,8 +54,7 @@ def plain_peft(model, windows, config: HealConfig) -> float:
 
 
 def hubprune_heal(pruned, config: HealConfig, teacher=None) -> float:
-    student = copy_sharing_weights(pruned.model)
-    unshare_targets(student, list(family_of(student).lora_targets))
+    student = copy_sharing_weights(pruned.model)  # as PrunedModel.heal does
     _, report = heal_model(student, pruned.tokenizer, config, teacher=teacher, progress=False)
     return report.tokens_per_second
 
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--drop", type=int, default=6)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--distill", type=float, default=0.0)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -78,14 +79,15 @@ def main() -> None:
     warm = HealConfig(steps=1, warmup_steps=0)  # first-call allocations and lazy imports, on both sides
     hubprune_heal(pruned, warm)
     plain_peft(copy_sharing_weights(pruned.model), windows, warm)
-    rows = {}
-    for name, run in (("hubprune heal (LoRA)", lambda: hubprune_heal(pruned, config)),
-                      ("plain peft LoRA loop", lambda: plain_peft(copy_sharing_weights(pruned.model), windows, config)),
-                      ("hubprune heal (LoRA, run 2)", lambda: hubprune_heal(pruned, config)),
-                      ("plain peft LoRA loop (run 2)", lambda: plain_peft(copy_sharing_weights(pruned.model), windows, config))):
-        with PeakMemory(device) as peak:
-            speed = run()
-        rows[name] = (speed, peak.peak_mib)
+    sides = {"hubprune heal (LoRA)": lambda: hubprune_heal(pruned, config),
+             "plain peft LoRA loop": lambda: plain_peft(copy_sharing_weights(pruned.model), windows, config)}
+    runs = {name: [] for name in sides}
+    for repeat in range(args.repeats):  # interleaved, the order alternating, so both sides see the same machine
+        for name in (list(sides) if repeat % 2 == 0 else list(sides)[::-1]):
+            with PeakMemory(device) as peak:
+                speed = sides[name]()
+            runs[name].append((speed, peak.peak_mib))
+    rows = {name: (statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
     if args.distill:
         with PeakMemory(device) as peak:
             speed = hubprune_heal(pruned, HealConfig(steps=args.steps, warmup_steps=0, distill=args.distill), pruner.model)
@@ -93,14 +95,13 @@ def main() -> None:
 
     print(f"model {args.model}, {pruner.num_layers} -> {pruner.num_layers - args.drop} layers, on {device}, "
           f"torch threads {torch.get_num_threads()}; batch {config.batch_size} x {config.seq_len}, {args.steps} steps each")
-    print(f"{'run':36s} {'tokens/s':>9s} {'peak extra MiB':>15s}")
+    print(f"{'run':36s} {'tokens/s (median)':>17s} {'each run':>22s} {'peak extra MiB':>15s}")
     for name, (speed, mib) in rows.items():
-        print(f"{name:36s} {speed:9.0f} {mib:15.0f}")
-    ours = (rows["hubprune heal (LoRA)"][0] + rows["hubprune heal (LoRA, run 2)"][0]) / 2
-    plain = (rows["plain peft LoRA loop"][0] + rows["plain peft LoRA loop (run 2)"][0]) / 2
-    print(f"hubprune / plain peft tokens/s: {ours / plain:.3f}   (goal >= 0.95; means of two interleaved runs "
+        each = ", ".join(f"{r[0]:.0f}" for r in runs.get(name, []))
+        print(f"{name:36s} {speed:17.0f} {each:>22s} {mib:15.0f}")
+    ratio = rows["hubprune heal (LoRA)"][0] / rows["plain peft LoRA loop"][0]
+    print(f"hubprune / plain peft tokens/s: {ratio:.3f}   (goal >= 0.95; medians of {args.repeats} interleaved runs "
           "each, after one warm-up step on both sides)")
-
 
 if __name__ == "__main__":
     main()

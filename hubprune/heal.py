@@ -72,8 +72,9 @@ def heal_model(
 ) -> tuple[nn.Module, HealReport]:
     """Train LoRA adapters on ``model``'s kept layers, merge them, and return the healed model.
 
-    ``model`` is changed in place (wrap a copy if the original must survive). ``data``: a
-    list of strings, file path(s), a ``datasets.Dataset``, or None for ``config.data``.
+    ``model``'s modules are changed in place (pass a copy if the original must survive); the
+    weights it shares with another model (``copy_sharing_weights``) are copied before merging.
+    ``data``: a list of strings, file path(s), a ``datasets.Dataset``, or None for ``config.data``.
     ``eval_texts``: the evaluation text, refused if it shares a document with the healing text.
     ``removed``: the original's 0-based layers missing from ``model``; with ``teacher`` (the
     original) it lets ``config.refit`` repair each gap before training.
@@ -171,6 +172,8 @@ def heal_model(
         peft_model = get_peft_model(model, lora)
         set_peft_model_state_dict(peft_model, adapter)
     # A model loaded in 4-bit (hubprune.qlora) comes back unmerged: its adapter is merged at file level.
+    if not loaded_4bit:
+        _own_base_weights(peft_model)
     healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
     healed.config.use_cache = True
     healed.eval().requires_grad_(False)
@@ -187,13 +190,18 @@ def heal_model(
     return healed, report
 
 
-def unshare_targets(model: nn.Module, targets: list[str]) -> None:
-    """Give the LoRA target weights of ``model`` their own storage (merging writes into them)."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets:
-            for pname, param in list(module._parameters.items()):
+def _own_base_weights(peft_model: nn.Module) -> None:
+    """Give each LoRA layer's base weights their own storage, so that merging cannot write into
+    tensors the model shares with another (the pruner's original). Done only just before the
+    merge: training on the shared tensors is measurably faster on a CPU than on fresh copies."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            for name, param in list(base._parameters.items()):
                 if param is not None:
-                    module._parameters[pname] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    base._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
 def _loss(model, teacher, batch: torch.Tensor, config: HealConfig) -> torch.Tensor:

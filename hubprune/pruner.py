@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from hubprune.calibration import TokenWindows, calibration_windows
+from hubprune.calibration import TokenWindows, calibration_windows, default_corpus
 from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
-from hubprune.families import decoder_layers, family_of
+from hubprune.families import decoder_layers
 from hubprune.io import atomic_output
 from hubprune.loading import (DEFAULT_MODEL, ModelOrigin, load_located, load_model, local_folder, locate, num_layers_of,
                               resolve_device, resolve_dtype)
@@ -250,15 +250,14 @@ class PrunedModel:
         ``options`` override fields of ``config`` (``steps=300, distill=0.5``, ...). This
         object is left unhealed. Example: ``healed = pruned.heal(steps=300, distill=0.5)``
         """
-        from hubprune.heal import heal_model, unshare_targets
+        from hubprune.heal import heal_model
 
         if self.model is None:
             raise ValueError("this model was pruned at file level and is not in memory: save it, then heal the "
                              "saved folder (hubprune heal OUT --out HEALED, with --method qlora for big models)")
         config = replace(config or HealConfig(), **options)
         teacher = teacher if teacher is not None else self.base
-        student = copy_sharing_weights(self.model)
-        unshare_targets(student, list(config.target_modules or family_of(student).lora_targets))
+        student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
         adapter_dir = healed._adapter.name if config.keep_adapter else None
         model, report = heal_model(student, self.tokenizer, config, teacher=teacher, data=data, eval_texts=eval_texts,
@@ -356,7 +355,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
-        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), progress=progress)
+        heldout = default_corpus("wiki", "heldout")  # what `hubprune eval` measures: healing text must not overlap it
+        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout,
+                             progress=progress)
     if recipe.output is None:
         return pruned, None
     out = pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)

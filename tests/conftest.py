@@ -62,6 +62,16 @@ def checkpoint_tensors(folder: Path) -> dict:
     return tensors
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread than on several fighting over a busy CPU (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()

@@ -44,13 +44,7 @@ SLIDING_FAMILIES = ["qwen2", "gemma2", "gemma3"]  # the ones whose config has a 
 DROPS = pytest.mark.parametrize("drop", [[1, 2], [0, 3, 5]], ids=["block", "scattered"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread than on several fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_family_has_a_tiny_config():

@@ -15,12 +15,7 @@ from hubprune.surgery import drop_layers
 REFITTABLE = [f.name for f in FAMILIES if f.mlp_out is not None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(vocab: int, n: int = 12, seq: int = 24) -> torch.Tensor:
