@@ -32,11 +32,13 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_llama(num_layers: int = 6, vocab_size: int = 300, seed: int = 0):
+def tiny_llama(num_layers: int = 6, vocab_size: int = 300, seed: int = 0, hidden_size: int = 32,
+               intermediate_size: int = 64):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=intermediate_size, num_attention_heads=4,
+                         num_key_value_heads=2,
                          num_hidden_layers=num_layers, vocab_size=vocab_size, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return AutoModelForCausalLM.from_config(config).eval()

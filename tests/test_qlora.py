@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import checkpoint_tensors, folder_digest
+from conftest import checkpoint_tensors, folder_digest, tiny_llama
 from hubprune.config import HealConfig
 from hubprune.qlora import heal_checkpoint
 
@@ -31,10 +31,15 @@ def _qlora_skip(device: str) -> str | None:
 
 
 @pytest.fixture()
-def pruned_dir(tiny_model_dir, tmp_path):
+def pruned_dir(tokenizer, tmp_path):
+    # Hidden size 64, a whole NF4 block: bitsandbytes' CPU inference path (taken on CPUs with AVX512-BF16,
+    # for a model in eval mode such as the teacher) repacks each weight per 64-wide block.
     from hubprune import LayerPruner
 
-    pruner = LayerPruner.from_pretrained(tiny_model_dir, device="cpu")
+    source = tmp_path / "tiny-llama-64"
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    pruner = LayerPruner.from_pretrained(source, device="cpu")
     return pruner.prune(layers=[2, 3]).save_pretrained(tmp_path / "pruned", plot=False)
 
 
