@@ -60,7 +60,10 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
     record.healing = {"method": "lora+distill", "steps": 10, "tokens": 10240, "seconds": 12.0, "tokens_per_second": 853.0,
                       "first_loss": 3.0, "final_loss": 2.5, "data": {"source": "wiki corpus (train split)"},
                       "config": {"method": "lora", "lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4,
-                                 "warmup_steps": 10, "batch_size": 4, "seq_len": 256, "grad_accum": 1, "distill": 0.5}}
+                                 "warmup_steps": 10, "batch_size": 4, "seq_len": 256, "grad_accum": 1, "distill": 0.5},
+                      "refit": {"tokens": 32768, "seconds": 3.0, "ridge": 1e-3, "gaps": [
+                          {"removed": [1, 3], "refit_layer": 0, "original_layer": 0, "module": "mlp.down_proj",
+                           "relative_error_before": 0.9, "relative_error_after": 0.3}]}}
     record.save(folder)
     text = str(render_card(folder, "alice/tiny"))
     card = ModelCard(text)
@@ -73,6 +76,8 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
     assert "keeps 80% of the original's accuracy above chance" in text
     assert "| held-out perplexity (lower is better) | 20.00 | 24.00 | x1.20 |" in text
     assert "## Healing" in text and "LoRA with distillation from the original (KL weight 0.5" in text
+    assert ("layer 0 mlp.down_proj refit by least squares for the removed [1, 3) (32,768 tokens; fit error 0.90 -> "
+            "0.30)") in text
     assert "It was not healed" not in text
     assert "base_model" not in card.data.to_dict()  # a local folder is no Hub id: not claimed as base_model
 
