@@ -103,5 +103,6 @@ def main() -> None:
     print(f"hubprune / plain peft tokens/s: {ratio:.3f}   (goal >= 0.95; medians of {args.repeats} interleaved runs "
           "each, after one warm-up step on both sides)")
 
+
 if __name__ == "__main__":
     main()

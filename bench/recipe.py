@@ -47,14 +47,11 @@ def measure(row: str, pruner: LayerPruner, recipe: Recipe, n: int, sample: int |
     if row == "original":
         model = pruner.model
     else:
-        if row == "angular":
-            pruned = pruner.prune(n_layers=n, metric="angular_last")
-        elif row == "block_influence":
-            pruned = pruner.prune(n_layers=n, metric="block_influence")
-        elif row == "last":
+        if row == "last":
             pruned = pruner.prune(layers=list(range(layers - n, layers)))
         else:
-            pruned = pruner.prune(n_layers=n, metric=recipe.prune.metric)
+            metric = {"angular": "angular_last", "block_influence": "block_influence"}.get(row, recipe.prune.metric)
+            pruned = pruner.prune(n_layers=n, metric=metric)
         removed = pruned.record.removed_layers
         if row in ("last", "hubprune"):
             started = time.perf_counter()

@@ -108,9 +108,9 @@ def cmd_heal(args) -> int:
     checkpoints = _checkpoint_dir(args.out)
     from accelerate import PartialState
 
-    from hubprune.calibration import default_corpus
+    from hubprune.evaluate import heldout_texts
 
-    heldout = default_corpus("wiki", "heldout")  # what `hubprune eval` measures: healing text must not overlap it
+    heldout = heldout_texts()
     if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
         from hubprune.qlora import heal_checkpoint
 

@@ -38,12 +38,19 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = F
 HELDOUT = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
 
 
+def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
+    """The documents of the default corpus's held-out split: what ``hubprune eval`` measures
+    perplexity on, so healing text must never overlap them (``heal(..., eval_texts=...)``)."""
+    from hubprune.calibration import default_corpus
+
+    return default_corpus(corpus, "heldout")
+
+
 def heldout_windows(tokenizer, corpus: str = "wiki", n_samples: int = 32, seq_len: int = 256):
     """Token windows of the default corpus's held-out split (never used for calibration or healing)."""
-    from hubprune.calibration import default_corpus, token_windows
+    from hubprune.calibration import token_windows
 
-    return token_windows(tokenizer, default_corpus(corpus, "heldout"), n_samples, seq_len,
-                         f"{corpus} corpus (heldout split)")
+    return token_windows(tokenizer, heldout_texts(corpus), n_samples, seq_len, f"{corpus} corpus (heldout split)")
 
 
 def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *, limit: int | None = None,

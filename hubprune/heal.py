@@ -233,16 +233,20 @@ def _refit(model: nn.Module, teacher: nn.Module | None, removed: list[int] | Non
     if reason:
         logger.info("heal.refit skipped: %s", reason)
         return {"skipped": reason}
-    count = max(1, min(len(windows.ids), config.refit_tokens // windows.ids.size(1)))
-    report = refit_gaps(model, teacher, removed, windows.ids[:count], ridge=config.refit_ridge,
+    report = refit_gaps(model, teacher, removed, windows.ids[:_refit_windows(config)], ridge=config.refit_ridge,
                         batch_size=config.batch_size, progress=progress)
     return report.to_dict()
 
 
+def _refit_windows(config: HealConfig) -> int:
+    # The refit reads the first refit_tokens of the healing text, in whole windows.
+    return -(-config.refit_tokens // config.seq_len)
+
+
 def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int) -> TokenWindows:
     needed = config.steps * config.batch_size * config.grad_accum * world
-    if config.refit:  # the refit reads the first refit_tokens of the healing text
-        needed = max(needed, -(-config.refit_tokens // config.seq_len))
+    if config.refit:
+        needed = max(needed, _refit_windows(config))
     sizes = replace(config.data, n_samples=needed, seq_len=config.seq_len)
     windows = calibration_windows(tokenizer, data, sizes, corpus_split="train")
     if len(windows.ids) < needed:

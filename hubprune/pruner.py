@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from hubprune.calibration import TokenWindows, calibration_windows, default_corpus
+from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
 from hubprune.families import decoder_layers
@@ -355,8 +355,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
-        heldout = default_corpus("wiki", "heldout")  # what `hubprune eval` measures: healing text must not overlap it
-        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout,
+        from hubprune.evaluate import heldout_texts
+
+        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout_texts(),
                              progress=progress)
     if recipe.output is None:
         return pruned, None

@@ -92,7 +92,8 @@ def refit_gaps(model: nn.Module, original: nn.Module, removed: list[int], window
     if ridge <= 0:
         raise ValueError(f"ridge must be positive (it keeps the fit near the original weights), got {ridge}")
     num_layers = len(decoder_layers(original))
-    kept = [i for i in range(num_layers) if i not in set(removed)]
+    gone = set(removed)
+    kept = [i for i in range(num_layers) if i not in gone]
     if len(decoder_layers(model)) != len(kept):
         raise ValueError(f"the pruned model has {len(decoder_layers(model))} layers, but removing {sorted(removed)} "
                          f"from the original's {num_layers} leaves {len(kept)}")
