@@ -168,6 +168,8 @@ def _split_documents(text: str) -> list[str]:
         docs = re.findall(r"<doc[^>]*>\n?(.*?)</doc>", text, flags=re.S)
     else:
         docs = re.split(r"\n\s*\n", text)
+        if len(docs) == 1:  # one document per line, no blank lines between (c4.utf8)
+            docs = text.splitlines()
     return [d.strip() for d in docs if d.strip()]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hubprune.calibration import default_corpus, load_texts, token_windows
+from hubprune.calibration import CORPORA, default_corpus, load_texts, token_windows
 from hubprune.config import CalibrationConfig
 
 
@@ -15,6 +15,16 @@ def test_default_corpus_splits_are_disjoint_and_real():
     assert not set(splits["train"]) & (set(splits["calibration"]) | set(splits["heldout"]))
     with pytest.raises(ValueError, match="unknown corpus 'books'"):
         default_corpus("books")
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_every_corpus_has_documents_in_every_split(corpus):
+    # c4.utf8 holds one document per line with no blank line between: all 118 were one document
+    splits = {s: default_corpus(corpus, s) for s in ("calibration", "heldout", "train")}
+    assert all(len(docs) >= 10 for docs in splits.values()), {s: len(d) for s, d in splits.items()}
+    assert len(splits["train"]) > 5 * len(splits["heldout"])
+    long = lambda docs: {d for d in docs if len(d) > 200}  # code repeats short snippets such as "# Apply"
+    assert not long(splits["train"]) & long(splits["heldout"])
 
 
 def test_windows_have_bos_and_fixed_length(tokenizer):
