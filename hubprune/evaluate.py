@@ -46,7 +46,8 @@ def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
     return default_corpus(corpus, "heldout")
 
 
-def heldout_windows(tokenizer, corpus: str = "wiki", n_samples: int = 32, seq_len: int = 256):
+def heldout_windows(tokenizer, corpus: str = HELDOUT["corpus"], n_samples: int = HELDOUT["n_samples"],
+                    seq_len: int = HELDOUT["seq_len"]):
     """Token windows of the default corpus's held-out split (never used for calibration or healing)."""
     from hubprune.calibration import token_windows
 
