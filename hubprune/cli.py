@@ -43,13 +43,29 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
         print(f"hubprune: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("hubprune: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        code = 130
+    _leave_process_group(wait=code == 0)
+    return code
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under ``accelerate launch`` (or torchrun), leave the process group before exiting. Exiting
+    with the group alive, or while another process still uses it, aborts a process whose work
+    is done now and then ("terminate called without an active exception", SIGABRT) and the
+    launcher reports a failure. ``wait``: the command succeeded, so every process reaches the
+    barrier; after a failure it is skipped, as the others may be inside a collective. (An
+    uncaught exception ends the process at once, and the launcher stops the others.)"""
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find there is nothing to do
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_scan(args) -> int:

@@ -52,3 +52,17 @@ def test_eval_under_accelerate_launch_equals_one_process(tiny_model_dir, tmp_pat
     one, two = (json.loads((tmp_path / f).read_text())["model"] for f in ("one.json", "two.json"))
     assert one["tasks"] == two["tasks"]
     assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
+def test_cli_leaves_the_process_group_before_exiting():
+    """A launched process that exits with its gloo group alive aborts now and then (SIGABRT after
+    its work is done); main() leaves the group, after a barrier when the command succeeded."""
+    import torch.distributed as dist
+
+    from hubprune.cli import _leave_process_group
+
+    for wait in (True, False):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _leave_process_group(wait=wait)
+        assert not dist.is_initialized()
+    _leave_process_group(wait=True)  # no group: nothing to do
