@@ -13,18 +13,11 @@ import openai
 import pytest
 
 from hubprune.server.process import ServeProcess
-from test_server import ENGINES, require_vllm
+from test_server import engine  # noqa: F401  (the fixture: each test runs on both engines)
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 REMOVED = [13, 14, 15, 16, 17, 18]
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request) -> str:
-    if request.param == "vllm":
-        require_vllm()
-    return request.param
 
 
 @pytest.fixture(scope="module")
