@@ -179,13 +179,13 @@ class TransformersEngine(Engine):
                         yield sse({"id": rid, "object": chunk(route, rid, "", 0, None, None)["object"],
                                    "created": created, "model": self.name, "choices": [],
                                    "usage": usage(len(job.prompt_ids), event[2])})
+                    job.stats.finish(len(job.prompt_ids), event[2])  # counted before the client sees the end
                     yield sse("[DONE]")
-                    job.stats.finish(len(job.prompt_ids), event[2])
                     return
                 else:
                     yield sse(APIError(500, f"generation failed: {event[1]}", code="engine_error").body())
-                    yield sse("[DONE]")
                     job.stats.finish(status=500)
+                    yield sse("[DONE]")
                     return
         finally:
             job.cancelled = True

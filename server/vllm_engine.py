@@ -197,6 +197,8 @@ class VLLMEngine(Engine):
                 events, buffer = buffer[:end + 2], buffer[end + 2:]
                 if b'"usage"' in events:
                     events = _take_usage(events, stats, keep_usage)
+                if b"data: [DONE]" in events:  # counted before the client sees the end, not after upstream closes
+                    stats.finish(status=200)
                 if events:
                     yield events
             if buffer:
