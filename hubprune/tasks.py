@@ -504,23 +504,39 @@ def pooled_stderr(stderrs: Sequence[float | None], sizes: Sequence[int]) -> floa
     return math.sqrt(variance / sum(sizes))
 
 
+def question_scores(docs: Sequence[Doc], lls: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Per question, in order: 1.0 where ``acc`` counts it right, then the same for ``acc_norm``.
+
+    Example: ``question_scores(docs, loglikelihoods(model, tok, [r for d in docs for r in d.requests]))``
+    """
+    correct, correct_norm = [], []
+    cursor = 0
+    for doc in docs:
+        scores = lls[cursor:cursor + len(doc.requests)]
+        cursor += len(doc.requests)
+        correct.append(float(_argmax(scores) == doc.gold))
+        normed = [ll / len(choice) if choice else -math.inf for ll, choice in zip(scores, doc.choices)]
+        correct_norm.append(float(_argmax(normed) == doc.gold))
+    if cursor != len(lls):
+        raise ValueError(f"{len(lls)} log-likelihoods for {cursor} requests")
+    return correct, correct_norm
+
+
 def score_docs(name: str, docs: Sequence[Doc], lls: Sequence[float]) -> TaskScore:
     """acc and acc_norm of a task from the log-likelihoods of its requests, in order.
 
     Groups (MMLU subjects) are averaged weighted by size, i.e. over all questions, and their
     standard error is the pooled one, as the harness's ``mmlu`` group reports.
     """
+    try:
+        answers, answers_norm = question_scores(docs, lls)
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     correct: dict[str, list[float]] = {}
     correct_norm: dict[str, list[float]] = {}
-    cursor = 0
-    for doc in docs:
-        scores = lls[cursor:cursor + len(doc.requests)]
-        cursor += len(doc.requests)
-        correct.setdefault(doc.group, []).append(float(_argmax(scores) == doc.gold))
-        normed = [ll / len(choice) if choice else -math.inf for ll, choice in zip(scores, doc.choices)]
-        correct_norm.setdefault(doc.group, []).append(float(_argmax(normed) == doc.gold))
-    if cursor != len(lls):
-        raise ValueError(f"{name}: {len(lls)} log-likelihoods for {cursor} requests")
+    for doc, right, right_norm in zip(docs, answers, answers_norm):
+        correct.setdefault(doc.group, []).append(right)
+        correct_norm.setdefault(doc.group, []).append(right_norm)
     sizes = [len(v) for v in correct.values()]
 
     def summary(groups: dict[str, list[float]]) -> tuple[float, float | None]:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from hubprune.tasks import TASKS, EvalResult, encode_pair, evaluate_tasks, load_task, loglikelihoods, max_length
+from hubprune.tasks import (TASKS, EvalResult, encode_pair, evaluate_tasks, load_task, loglikelihoods, max_length,
+                            question_scores)
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -181,6 +182,7 @@ def test_batched_scores_equal_one_request_at_a_time(smollm2_tokenizer, attn):
         direct = [direct_loglikelihood(model, smollm2_tokenizer, *r) for r in requests]
         assert batched == pytest.approx(direct, abs=2e-4), name
         acc, acc_norm = expected_metrics(docs, direct)
+        assert question_scores(docs, direct) == (acc, acc_norm), name
         score = evaluate_tasks(model, smollm2_tokenizer, [name], limit=1 if name == "mmlu" else 4,
                                batch_size=3, progress=False).tasks[name]
         assert (score.acc, score.acc_norm, score.n) == (sum(acc) / len(acc), sum(acc_norm) / len(acc_norm), len(docs))
