@@ -14,13 +14,12 @@ it reads the evaluation questions.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 from hubprune import LayerPruner
 from hubprune.surgery import drop_layers
-from hubprune.tasks import load_task, loglikelihoods, question_scores
+from hubprune.tasks import load_task, loglikelihoods, mean_stderr, question_scores
 
 
 def parse_layers(text: str) -> list[int]:
@@ -62,9 +61,8 @@ def main() -> None:
     for removed in sets:
         scores = correct(drop_layers(pruner.model, removed))
         diffs = [s - b for s, b in zip(scores, base)]
-        mean = sum(diffs) / n
-        stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
-        print(f"| {','.join(map(str, removed))} | {sum(scores) / n:.3f} | {mean:+.3f} | {stderr:.3f} |", flush=True)
+        print(f"| {','.join(map(str, removed))} | {sum(scores) / n:.3f} | {sum(diffs) / n:+.3f} | "
+              f"{mean_stderr(diffs):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
