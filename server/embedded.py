@@ -216,8 +216,9 @@ class TransformersEngine(Engine):
         """Decode ``jobs`` together; each emits ("text", delta)..., then ("done", finish, n) or ("error", msg)."""
         from transformers import DynamicCache
 
-        rows = [_Row(job, self) for job in jobs]
+        rows: list[_Row] = []
         try:
+            rows = [_Row(job, self) for job in jobs]  # inside the try: a row that cannot start fails its batch only
             ids, mask = _left_pad([j.prompt_ids for j in jobs], self.pad_id, self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache(config=self.model.config)
@@ -240,9 +241,10 @@ class TransformersEngine(Engine):
                 step_ids = torch.tensor([[tokens[i]] for i in keep], device=self.device)
         except Exception as err:  # reported to each client; the engine keeps serving
             logger.exception("%s: generation failed", self.name)
-            for row in rows:
-                if not row.finished:
-                    row.job.emit(("error", f"{type(err).__name__}: {err}"))
+            done = {id(row.job) for row in rows if row.finished}
+            for job in jobs:
+                if id(job) not in done:
+                    job.emit(("error", f"{type(err).__name__}: {err}"))
 
     def _encode(self, route: str, body: dict) -> list[int]:
         tok = self.tokenizer
@@ -333,17 +335,21 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids, mask
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as in vLLM
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One token from ``logits`` [vocab]: greedy at temperature 0, else nucleus sampling.
+    """One token from ``logits`` [vocab]: greedy at temperature 0 (below 1e-5), else nucleus sampling.
 
     Example: ``sample(torch.tensor([0.1, 2.0, 0.3]), 0.0, 1.0, torch.Generator()) == 1``
     """
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # logits / 1e-300 would overflow to inf and NaN probabilities
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest set whose mass reaches top_p
+        keep[0] = True  # the most likely token always (a top_p below float32's range would keep none)
         return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 

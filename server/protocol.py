@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from starlette.responses import JSONResponse
 
 ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
@@ -81,8 +82,8 @@ def check_request(route: str, body: dict) -> Sampling:
     if n is not None and (not _is_int(n) or n < 1):
         raise bad_param("n", f"n must be an integer >= 1, got {n!r}")
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise bad_param("seed", f"seed must be an integer, got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise bad_param("seed", f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {seed!r}")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):

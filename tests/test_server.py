@@ -159,6 +159,18 @@ def test_seed_makes_sampling_reproducible(client):
     assert first == second
 
 
+def test_extreme_but_valid_sampling_values_answer_and_keep_the_server_serving(client, server):
+    # A seed at either end of torch's range, and temperature / top_p so small that dividing by them
+    # overflows: answered (greedy below 1e-5, as vLLM does), never a dead worker or a 500.
+    for extra in ({"seed": 2**64 - 1}, {"seed": -(2**63)}, {"temperature": 1e-300}, {"top_p": 1e-300, "seed": 3}):
+        answer = client.completions.create(model="tiny-b", prompt="Lily and Tom", max_tokens=4, **extra)
+        assert answer.choices[0].finish_reason in ("length", "stop"), extra
+    greedy = client.completions.create(model="tiny-b", prompt="Lily and Tom", max_tokens=6, temperature=0)
+    tiny = client.completions.create(model="tiny-b", prompt="Lily and Tom", max_tokens=6, temperature=1e-300)
+    assert tiny.choices[0].text == greedy.choices[0].text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_unknown_model_is_404_like_openai(client, server):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
@@ -174,7 +186,8 @@ def test_malformed_json_is_400(server):
 
 
 @pytest.mark.parametrize("param,value", [("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("max_tokens", "ten"),
-                                         ("n", 0), ("stop", 5), ("messages", []), ("max_tokens", 1000)])
+                                         ("n", 0), ("stop", 5), ("messages", []), ("max_tokens", 1000),
+                                         ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", 1.5)])
 def test_bad_parameter_is_400_naming_it(server, param, value):
     body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], param: value}
     response = raw(server, "/v1/chat/completions", body)
