@@ -326,7 +326,8 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
 
     # Everything that can be checked before the slow part is.
     if recipe.output:
-        check_output(recipe.output, overwrite=recipe.overwrite)
+        local = recipe.model if Path(recipe.model).expanduser().exists() else ""
+        check_output(recipe.output, overwrite=recipe.overwrite, protect=(local,))
     p = recipe.prune
     load_options = {"revision": recipe.revision, "gguf_file": recipe.gguf_file, "dtype": recipe.dtype,
                     "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}

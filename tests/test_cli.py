@@ -163,3 +163,43 @@ def test_console_script_exit_code(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"hubprune: error: {tmp_path / 'missing'} does not exist; give an existing folder, a .gguf file or a Hub id (org/name)"]
+
+
+def test_no_output_folder_may_lie_inside_or_contain_the_source(tiny_model_dir, tmp_path, capsys):
+    nest = tmp_path / "nest"
+    shutil.copytree(tiny_model_dir, nest / "model")
+    (nest / "notes.txt").write_text("mine")
+    before = folder_digest(nest)
+    for out, message in ((nest / "model" / "pruned", "lies inside the source"), (nest, "contains the source")):
+        for command in (["prune", str(nest / "model"), "--out", str(out), "--drop", "1", *FAST, "--overwrite"],
+                        ["cut", str(nest / "model"), "--layers", "1", "--out", str(out), "-q", "--overwrite"]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert message in err and len(err.strip().splitlines()) == 1, err
+            assert folder_digest(nest) == before
+
+
+def test_overwrite_replaces_only_what_hubprune_wrote(tiny_model_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert _prune(tiny_model_dir, mine, "--drop", "1", "--overwrite") == 2
+    assert "not written by hubprune" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _prune(tiny_model_dir, empty, "--drop", "1", "--overwrite") == 0  # an empty folder holds nothing to lose
+
+
+def test_a_run_removes_the_temporary_folders_a_killed_run_left(tiny_model_dir, tmp_path):
+    import os
+
+    dead = tmp_path / ".o.tmp-999999999-abcd"  # no such process
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".o.tmp-{os.getpid()}-efgh"  # a run still going (this process)
+    alive.mkdir()
+    user = tmp_path / ".o.tmp-notes"  # not of hubprune's naming: never touched
+    user.mkdir()
+    assert _prune(tiny_model_dir, tmp_path / "o", "--drop", "1") == 0
+    assert not dead.exists() and alive.is_dir() and user.is_dir()
