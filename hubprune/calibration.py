@@ -38,6 +38,7 @@ class TokenWindows:
     ids: torch.Tensor
     texts: list[str]
     source: str
+    loss_mask: torch.Tensor | None = None  # [n, seq_len] bool: the tokens healing learns (None: all)
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +46,10 @@ class TokenWindows:
 
     def fingerprint(self) -> str:
         """sha256 of the token ids, to tell two token sets apart (or prove them equal)."""
-        return hashlib.sha256(self.ids.numpy().tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(self.ids.numpy().tobytes())
+        if self.loss_mask is not None:
+            digest.update(self.loss_mask.numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def default_corpus(name: str = "wiki", split: str = "calibration") -> list[str]:
@@ -111,7 +115,7 @@ def token_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int, sou
 
     Only as many documents as needed are tokenized. Raises if the texts hold no tokens.
     """
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     body = seq_len - (bos is not None)
     need = n_samples * body
     stream: list[int] = []
@@ -207,7 +211,8 @@ def _dataset_texts(name: str, config: CalibrationConfig) -> list[str]:
     return _column(loaded, config.column)
 
 
-def _bos_id(tokenizer) -> int | None:
+def bos_id(tokenizer) -> int | None:
+    """The BOS token id when the tokenizer puts one in front of a text, else None."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return None

@@ -182,16 +182,36 @@ def _eval_rows(record: PruneRecord) -> list[dict]:
     if ppl:
         rows.append({"name": "held-out perplexity (lower is better)", "original": f"{ppl[0]:.2f}",
                      "pruned": f"{ppl[1]:.2f}", "kept": f"x{ppl[1] / ppl[0]:.2f}"})
-    return rows
+    return rows + _chat_rows(record.evaluation.get("chat"))
+
+
+def _chat_rows(chat: dict | None) -> list[dict]:
+    if not chat:
+        return []
+    what = "chat answers" if chat["mode"] == "chat" else "continuations"
+    return [
+        {"name": f"{what}: top-1 agreement with the original", "original": "1", "pruned": f"{chat['top1_agreement']:.3f}",
+         "kept": f"{chat['top1_agreement']:.0%}"},
+        {"name": f"{what}: KL(original || this), nats/token", "original": "0", "pruned": f"{chat['kl']:.3f}", "kept": ""},
+        {"name": f"{what} that loop (a word 4-gram 3+ times)", "original": f"{chat['original_loop_rate']:.0%}",
+         "pruned": f"{chat['loop_rate']:.0%}", "kept": ""},
+        {"name": f"{what} that end within {chat['max_new_tokens']} tokens", "original": f"{chat['original_eos_rate']:.0%}",
+         "pruned": f"{chat['eos_rate']:.0%}", "kept": ""},
+    ]
 
 
 def _eval_note(record: PruneRecord) -> str:
     ev = record.evaluation
-    parts = ["Zero-shot, scored as lm-evaluation-harness scores them (acc_norm: log-likelihood per byte)."]
+    parts = ["Zero-shot, scored as lm-evaluation-harness scores them (acc_norm: log-likelihood per character)."]
     if ev.get("command"):
         parts.append(f"Measured with `{ev['command']}`.")
     if ev.get("heldout"):
         parts.append(f"Perplexity on {ev['heldout']}.")
+    if ev.get("chat"):
+        chat = ev["chat"]
+        parts.append(f"Answers: the original answered {chat['source']} greedily (held out from healing); this model "
+                     f"is scored teacher-forced on those {chat['answer_tokens']:,} answer tokens, and on its own "
+                     "greedy answers for loops and endings.")
     return " ".join(parts) if _task_pairs(record) else " ".join(parts[1:])
 
 
@@ -249,7 +269,8 @@ def _healing_rows(record: PruneRecord) -> list[dict]:
         return []
     c = h.get("config", {})
     rows = [("method", _method_text(h)), ("steps", f"{h['steps']} ({h['tokens']:,} tokens)"),
-            ("text", f"{h['data'].get('source', '?')}, never the evaluation text"),
+            ("text", f"{h['data'].get('source', '?')}, never the evaluation text"
+                     + (" (only the answer tokens are learnt)" if h["data"].get("text") == "chat" else "")),
             ("LoRA", f"r={c.get('lora_r')}, alpha={c.get('lora_alpha')}, on {', '.join(c.get('target_modules') or ['the family default projections'])}"),
             ("learning rate", f"{c.get('learning_rate')} (warm-up {c.get('warmup_steps')} steps, cosine)"),
             ("batch", f"{c.get('batch_size')} x {c.get('seq_len')} tokens x {c.get('grad_accum')} accumulation"),

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from hubprune import __version__
-from hubprune.config import METRICS, CalibrationConfig, HealConfig, PruneConfig, Recipe
+from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
 
 logger = logging.getLogger("hubprune")
 
@@ -120,6 +120,8 @@ def cmd_heal(args) -> int:
         seq_len=args.seq_len, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
         distill=args.distill, keep_adapter=args.keep_adapter, refit=not args.no_refit,
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
+        text=args.text, mix=args.mix,
+        chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
     )
     checkpoints = _checkpoint_dir(args.out)
     from accelerate import PartialState
@@ -182,16 +184,36 @@ def cmd_eval(args) -> int:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
     folder = Path(args.model)
     record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
+    chat = args.chat or args.continuations
+    if chat and record is None:
+        raise ValueError(f"--chat measures a pruned model against its original, and {args.model} has no "
+                         f"{RECORD_FILE}; give a folder written by hubprune prune or heal")
+    if chat and args.no_baseline:
+        raise ValueError("--chat compares with the original, so it cannot be combined with --no-baseline")
     results = {}
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.chat:
+        from hubprune.chat import has_chat_template
+
+        if not has_chat_template(tokenizer):
+            raise ValueError(f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
+                             "score; use --continuations (greedy continuations of held-out prose) instead")
     results["pruned" if record else "model"] = evaluate_model(model, tokenizer, tasks, limit=args.limit,
                                                               sample=args.sample, progress=not args.quiet)
-    del model
+    if not chat:
+        del model
+    base = None
     if record and not args.no_baseline:
         revision = record.base_revision if record.origin.get("kind") == "hub" else None
         base, base_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=args.dtype, device=args.device)
         results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, sample=args.sample,
                                             progress=not args.quiet)
+    fidelity = None
+    if chat:
+        from hubprune.chat import chat_fidelity
+
+        fidelity = chat_fidelity(model, base, tokenizer, n_prompts=args.chat_prompts, max_new_tokens=args.max_new_tokens,
+                                 chat=bool(args.chat), progress=not args.quiet)
     if not main_process:  # every process evaluated its share; one reports
         return 0
     if "original" in results:
@@ -199,6 +221,9 @@ def cmd_eval(args) -> int:
     else:
         print(next(iter(results.values())).table())
     data = {k: v.to_dict() for k, v in results.items()}
+    if fidelity is not None:
+        print(fidelity.table())
+        data["chat"] = fidelity.to_dict()
     if args.out:
         Path(args.out).write_text(_json.dumps(data, indent=1))
         print(f"results written to {args.out}")
@@ -356,8 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--layers", help="explicit 0-based layers to drop, e.g. 12,13,14")
     how.add_argument("--max-quality-loss", type=float, metavar="X",
                      help="drop as many layers as keep quality within X (e.g. 0.05) of the original, by measuring")
-    prune.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks"],
-                       help="what --max-quality-loss measures: held-out perplexity or zero-shot tasks")
+    prune.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks", "chat"],
+                       help="what --max-quality-loss measures: held-out perplexity, zero-shot tasks, or chat "
+                            "answers (top-1 agreement with the original's)")
     prune.add_argument("--metric", default="angular_last", choices=METRICS)
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
@@ -377,6 +403,14 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--no-refit", action="store_true",
                       help="skip the closed-form refit of the layer before each gap (done before LoRA by default)")
     heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
+    heal.add_argument("--text", default="auto", choices=["auto", "chat", "prose"],
+                      help="chat: conversations the original writes itself (the default for models with a chat "
+                           "template); prose: --data, --dataset or --corpus text")
+    heal.add_argument("--mix", type=float, default=0.0, help="share of prose windows mixed into chat healing")
+    heal.add_argument("--conversations", type=int, default=ChatDataConfig.conversations,
+                      help="conversations the original writes for chat healing (cached; a rerun reuses them)")
+    heal.add_argument("--chat-prompts", default="magpie", metavar="FILE",
+                      help="a file of user prompts, one a line, for chat healing (default: the original writes them)")
     heal.add_argument("--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)")
     heal.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
     heal.add_argument("--corpus", default="wiki")
@@ -392,6 +426,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
     ev.add_argument("--sample", type=int, help="N evenly spaced questions of each task instead of the first N")
     ev.add_argument("--no-baseline", action="store_true", help="do not evaluate the original of a pruned folder")
+    ev.add_argument("--chat", action="store_true",
+                    help="also score the answers: the original answers held-out prompts greedily through its chat "
+                         "template; top-1 agreement, KL, and the share of looping and unfinished answers")
+    ev.add_argument("--continuations", action="store_true",
+                    help="as --chat, on plain continuations of held-out prose (for models without a chat template)")
+    ev.add_argument("--chat-prompts", type=int, default=128, metavar="N", help="held-out prompts for --chat (128)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit for --chat (128)")
     ev.add_argument("--out", help="write the results as JSON")
     ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="auto")
@@ -400,7 +441,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", parents=[common, model], help="quality against the fraction of layers dropped")
     sw.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5")
     sw.add_argument("--metrics", default="angular_last,block_influence")
-    sw.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks"])
+    sw.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks", "chat"])
     sw.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
     sw.add_argument("--limit", type=int, default=200, help="questions per task when --quality tasks")
     sw.add_argument("--heal-steps", type=int, default=0, help="also heal each point for this many steps")

@@ -76,8 +76,9 @@ class PruneConfig:
 
     Give exactly one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)),
     ``layers`` (explicit 0-based indices; ``metric`` is then only recorded) and
-    ``max_quality_loss`` (drop as many layers as keep ``quality`` -- held-out perplexity or
-    zero-shot tasks -- within that fraction of the original's, found by measuring).
+    ``max_quality_loss`` (drop as many layers as keep ``quality`` -- held-out perplexity,
+    zero-shot tasks, or chat top-1 agreement with the original's answers -- within that
+    fraction of the original's, found by measuring).
 
     Example: ``PruneConfig(n_layers=6, metric="angular_last")``
     """
@@ -96,8 +97,8 @@ class PruneConfig:
             raise ValueError(f"prune: give exactly one of n_layers, fraction, layers or max_quality_loss ({detail} given)")
         if self.max_quality_loss is not None and not 0 < self.max_quality_loss < 1:
             raise ValueError(f"prune.max_quality_loss is a fraction in (0, 1) such as 0.05, got {self.max_quality_loss}")
-        if self.quality not in ("perplexity", "tasks"):
-            raise ValueError(f"prune.quality must be perplexity or tasks, got {self.quality!r}")
+        if self.quality not in ("perplexity", "tasks", "chat"):
+            raise ValueError(f"prune.quality must be perplexity, tasks or chat, got {self.quality!r}")
         if self.n_layers is not None and (
             not isinstance(self.n_layers, int) or isinstance(self.n_layers, bool) or self.n_layers < 1
         ):
@@ -144,6 +145,48 @@ class PruneConfig:
 
 
 HEAL_METHODS = ("lora", "qlora")
+HEAL_TEXTS = ("auto", "chat", "prose")
+
+
+@dataclass
+class ChatDataConfig:
+    """Conversations the original writes itself, for chat-aware healing (self-data distillation).
+
+    ``prompts``: ``magpie`` (the original writes the questions, given only its template's
+    user-turn prefix, sampled at ``question_temperature``) or a UTF-8 file with one prompt a line
+    (refused if it shares a prompt with the held-out chat evaluation prompts). The answers are
+    sampled from the original through its chat template at ``temperature`` / ``top_p``, up to
+    ``max_new_tokens``. ``conversations`` is how many are written (healing reads them again when
+    its steps need more text). ``batch_size`` is the generation batch.
+
+    Example (YAML)::
+
+        heal:
+          text: chat
+          chat: {conversations: 384, max_new_tokens: 192}
+    """
+
+    prompts: str = "magpie"
+    conversations: int = 384
+    max_new_tokens: int = 192
+    temperature: float = 0.7
+    top_p: float = 0.9
+    question_temperature: float = 1.0
+    max_question_tokens: int = 64
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("conversations", "max_new_tokens", "max_question_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"heal.chat.{name} must be a positive integer, got {value!r}")
+        for name in ("temperature", "question_temperature"):
+            if not 0 < getattr(self, name) <= 2:
+                raise ValueError(f"heal.chat.{name} must lie in (0, 2] (sampling), got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"heal.chat.top_p must lie in (0, 1], got {self.top_p}")
+        if not isinstance(self.prompts, str) or not self.prompts.strip():
+            raise ValueError("heal.chat.prompts must be 'magpie' or the path of a file with one prompt a line")
 
 
 @dataclass
@@ -156,6 +199,12 @@ class HealConfig:
     corpus's *train* split, which never overlaps its calibration or held-out splits (its
     ``seq_len`` and ``n_samples`` are not used: ``steps`` decides how much text is read).
     The adapter is merged into a plain checkpoint; ``keep_adapter`` also saves it.
+
+    ``text`` says what healing reads. ``chat``: conversations the original writes itself
+    (``chat``, a ``ChatDataConfig``), learning only the answer tokens; ``mix`` is the share of
+    prose windows (``data``) mixed in. ``prose``: the text of ``data``. ``auto`` (the default):
+    chat for a model whose tokenizer has a chat template, when the original is at hand and no
+    healing text was given; prose otherwise.
 
     ``refit`` (on by default) first repairs each gap in closed form (``hubprune.refit``):
     the MLP output projection of the last kept layer before the gap is refit by ridge least
@@ -186,6 +235,9 @@ class HealConfig:
     distill: float = 0.0
     temperature: float = 1.0
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
+    text: str = "auto"
+    mix: float = 0.0
+    chat: ChatDataConfig = field(default_factory=ChatDataConfig)
     refit: bool = True
     refit_tokens: int = 32768
     refit_ridge: float = 1e-3
@@ -211,6 +263,10 @@ class HealConfig:
             raise ValueError(f"heal.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"heal.temperature must be positive, got {self.temperature}")
+        if self.text not in HEAL_TEXTS:
+            raise ValueError(f"heal.text {self.text!r} is unknown; choose one of {', '.join(HEAL_TEXTS)}")
+        if isinstance(self.mix, bool) or not isinstance(self.mix, (int, float)) or not 0 <= self.mix < 1:
+            raise ValueError(f"heal.mix is the share of prose mixed into chat healing, in [0, 1), got {self.mix!r}")
         if not isinstance(self.refit, bool):
             raise ValueError(f"heal.refit must be true or false, got {self.refit!r}")
         if not self.refit_ridge > 0:

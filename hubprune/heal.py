@@ -34,7 +34,7 @@ from hubprune.families import family_of
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "heal_checkpoint.pt"
+CHECKPOINT_FILE = "heal_checkpoint.json"  # names its tensors file (safetensors); no pickle is ever loaded
 
 
 @dataclass
@@ -92,11 +92,11 @@ def heal_model(
     on_cpu = next(model.parameters()).device.type == "cpu"
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=config.grad_accum)
     world, rank = accelerator.num_processes, accelerator.process_index
-    windows = _healing_windows(tokenizer, config, data, world)
-    if eval_texts is not None:
-        check_disjoint(windows.texts, eval_texts)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
+    windows = _healing_windows(tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process)
+    if eval_texts is not None:
+        check_disjoint(windows.texts, eval_texts)
     refit = _refit(model, teacher, removed, windows, config, progress and accelerator.is_local_main_process)
     if not config.distill:
         teacher = None  # only the refit needed it
@@ -118,7 +118,7 @@ def heal_model(
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     start, losses = 0, []
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint, key)
         if state["key"] != key:
             raise ValueError(f"the checkpoint in {checkpoint.parent} was made by a different heal config or model; "
                              "rerun with the same settings, or delete that folder to start over")
@@ -137,9 +137,10 @@ def heal_model(
     for step in range(start, config.steps):
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            batch = _batch(windows.ids, step * config.grad_accum + micro, config, rank, world).to(accelerator.device)
+            batch, learn = _batch(windows, step * config.grad_accum + micro, config, rank, world)
+            batch, learn = batch.to(accelerator.device), None if learn is None else learn.to(accelerator.device)
             with accelerator.accumulate(peft_model):
-                loss = _loss(peft_model, teacher, batch, config)
+                loss = _loss(peft_model, teacher, batch, config, learn)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, 1.0)
@@ -184,7 +185,7 @@ def heal_model(
         tokens_per_second=round(done * tokens_per_step / seconds, 1) if done else 0.0,
         first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
         resumed_from=start, refit=refit, config=asdict(replace(config, data=None)),
-        data={"source": windows.source, "windows": len(windows.ids), "tokens": windows.num_tokens,
+        data={"text": "prose" if windows.loss_mask is None else "chat", "source": windows.source, "windows": len(windows.ids), "tokens": windows.num_tokens,
               "fingerprint": windows.fingerprint()},
     )
     return healed, report
@@ -204,18 +205,22 @@ def _own_base_weights(peft_model: nn.Module) -> None:
                     base._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
-def _loss(model, teacher, batch: torch.Tensor, config: HealConfig) -> torch.Tensor:
-    # Labels are shifted by padding rather than logits by slicing: no copy of the [B, T, V] logits.
-    logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
-    labels = F.pad(batch[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-    lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+def _loss(model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.Tensor | None = None) -> torch.Tensor:
+    # `learn` ([B, T] bool, None for all): the tokens to learn; position t is scored when token t+1 is one.
+    # Only the scored positions' logits go on to the softmax: for chat text that skips the prompts.
+    scored = torch.ones_like(batch, dtype=torch.bool) if learn is None else learn
+    scored = F.pad(scored[:, 1:], (0, 1), value=False)  # the last position predicts nothing
+    targets = F.pad(batch[:, 1:], (0, 1))[scored]
+    count = max(int(scored.sum()), 1)  # a batch with nothing to learn adds 0, not NaN
+    logits = model(input_ids=batch, use_cache=False).logits[scored].float()  # [N, V]
+    lm = F.cross_entropy(logits, targets, reduction="sum") / count
     if not config.distill:
         return lm
     with torch.no_grad():
-        target = teacher(input_ids=batch, use_cache=False).logits.float()
+        target = teacher(input_ids=batch, use_cache=False).logits[scored].float()
     t = config.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
-    kl = kl.sum(-1)[:, :-1].mean() * t * t  # per token, over the positions that predict a token
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
+    kl = kl / count * t * t  # per scored token
     return (1 - config.distill) * lm + config.distill * kl
 
 
@@ -243,29 +248,73 @@ def _refit_windows(config: HealConfig) -> int:
     return -(-config.refit_tokens // config.seq_len)
 
 
-def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int) -> TokenWindows:
+def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teacher: nn.Module | None,
+                     progress: bool) -> TokenWindows:
     needed = config.steps * config.batch_size * config.grad_accum * world
     if config.refit:
         needed = max(needed, _refit_windows(config))
-    sizes = replace(config.data, n_samples=needed, seq_len=config.seq_len)
-    windows = calibration_windows(tokenizer, data, sizes, corpus_split="train")
+    kind, reason = healing_text(config, tokenizer, data, teacher)
+    logger.info("healing on %s text: %s", kind, reason)
+    prose_count = needed if kind == "prose" else round(config.mix * needed)
+    prose = None
+    if prose_count:
+        sizes = replace(config.data, n_samples=prose_count, seq_len=config.seq_len)
+        prose = calibration_windows(tokenizer, data, sizes, corpus_split="train")
+    if kind == "prose":
+        windows = prose
+    else:
+        from hubprune.chat import chat_windows, self_chat
+
+        conversations = self_chat(teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed,
+                                  progress=progress)
+        windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
+        if prose is not None:  # prose learns every token
+            windows = TokenWindows(torch.cat([windows.ids, prose.ids]), windows.texts + prose.texts,
+                                   f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
+                                   torch.cat([windows.loss_mask, torch.ones_like(prose.ids, dtype=torch.bool)]))
     if len(windows.ids) < needed:
         logger.info("healing text fills %d windows; %d steps read it %.1f times",
                     len(windows.ids), config.steps, needed / len(windows.ids))
     return windows
 
 
-def _batch(ids: torch.Tensor, index: int, config: HealConfig, rank: int, world: int) -> torch.Tensor:
+def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | None) -> tuple[str, str]:
+    """What healing reads, "chat" or "prose", and why (``HealConfig.text``)."""
+    from hubprune.chat import has_chat_template
+
+    given = data is not None or any(getattr(config.data, k) is not None for k in ("texts", "files", "dataset"))
+    if config.text == "prose":
+        return "prose", "heal.text is prose"
+    problem = ("the tokenizer has no chat template" if not has_chat_template(tokenizer)
+               else "the original model is not at hand to write the conversations" if teacher is None
+               else None)
+    if config.text == "chat":
+        if problem:
+            raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
+        if given:
+            raise ValueError("heal.text chat writes its own conversations, but healing text was given too; "
+                             "give heal.text prose to heal on that text, or heal.mix to mix prose into chat")
+        return "chat", "heal.text is chat"
+    if given:
+        return "prose", "healing text was given"
+    if problem:
+        return "prose", problem
+    return "chat", "the model has a chat template (heal.text auto)"
+
+
+def _batch(windows: TokenWindows, index: int, config: HealConfig, rank: int, world: int
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Global micro-batch `index` is windows [index*B*world, (index+1)*B*world) of a seeded
     # permutation per epoch; this process takes its B of them. Pure function of index: resumable.
-    n, size = len(ids), config.batch_size * world
+    n, size = len(windows.ids), config.batch_size * world
     positions = [index * size + rank * config.batch_size + i for i in range(config.batch_size)]
     rows = []
     for position in positions:
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
         rows.append(order[offset])
-    return ids[torch.stack(rows)]
+    rows = torch.stack(rows)
+    return windows.ids[rows], None if windows.loss_mask is None else windows.loss_mask[rows]
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -285,10 +334,58 @@ def _config_key(config: HealConfig, model: nn.Module, windows: TokenWindows) -> 
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
+    """The LoRA and optimizer tensors as safetensors (a file per step), everything else as JSON that names
+    that file; each written to a temporary file and renamed, the JSON last, so a kill leaves the last one whole."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    optimizer = state["optimizer"]
+    tensors = {f"lora/{k}": v for k, v in state["lora"].items()}
+    scalars: dict[str, dict] = {}
+    for index, values in optimizer["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    tensor_file = f"heal_checkpoint-{state['step']}.safetensors"
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as f:
-        torch.save(state, f)
+        pass
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, f.name)
+    os.replace(f.name, path.parent / tensor_file)
+    meta = {"key": state["key"], "step": state["step"], "losses": state["losses"], "tensors": tensor_file,
+            "param_groups": optimizer["param_groups"], "optimizer_scalars": scalars, "scheduler": state["scheduler"]}
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as f:
+        json.dump(meta, f)
     os.replace(f.name, path)
+    for old in path.parent.glob("heal_checkpoint-*.safetensors"):
+        if old.name != tensor_file:
+            old.unlink()
+
+
+def _load_checkpoint(path: Path, key: str) -> dict:
+    """A checkpoint written by ``_save_checkpoint``, read back as the state dicts it was made of."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("key") != key:
+            return {"key": meta.get("key")}
+        tensor_file = path.parent / Path(meta["tensors"]).name  # a bare name: never a path elsewhere
+        tensors = load_file(tensor_file)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"the healing checkpoint in {path.parent} cannot be read ({err}); delete that folder to "
+                         "start over") from None
+    lora = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("lora/")}
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, field_name = name.split("/", 2)
+            state.setdefault(int(index), {})[field_name] = value
+    for index, values in meta["optimizer_scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"key": meta["key"], "step": meta["step"], "losses": meta["losses"], "lora": lora,
+            "optimizer": {"state": state, "param_groups": meta["param_groups"]}, "scheduler": meta["scheduler"]}
 
 
 def _require_qlora(device: torch.device | None = None) -> None:

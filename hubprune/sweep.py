@@ -1,9 +1,11 @@
 """Quality against the fraction of layers dropped (Gromov et al.'s Fig. 1), and the largest drop
 that stays within a quality budget, both from measurements.
 
-Quality is measured either on zero-shot tasks (mean acc_norm above chance, relative to the
-original's) or as held-out perplexity (the original's divided by the pruned model's), so
-that 1.0 means "as good as the original" either way.
+Quality is measured on zero-shot tasks (mean acc_norm above chance, relative to the
+original's), as held-out perplexity (the original's divided by the pruned model's), or on
+chat answers (top-1 agreement with the original's greedy answers to held-out prompts,
+``hubprune.chat``; 32 prompts of up to 64 tokens), so that 1.0 means "as good as the
+original" each way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from hubprune.config import HealConfig
 from hubprune.evaluate import heldout_windows, perplexity
 
 logger = logging.getLogger(__name__)
+
+QUALITIES = ("perplexity", "tasks", "chat")
+CHAT_PROMPTS, CHAT_TOKENS = 32, 64  # chat quality in sweeps: fewer, shorter answers than `hubprune eval --chat`
 
 
 @dataclass
@@ -74,7 +79,8 @@ class SweepResult:
                     ax.plot(*zip(*pts), "o--" if healed else "o-", label=f"{metric}{' + heal' if healed else ''}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("fraction of layers dropped")
-        ax.set_ylabel("quality relative to the original" + (" (above chance)" if self.quality == "tasks" else " (perplexity)"))
+        ax.set_ylabel("quality relative to the original "
+                      + {"tasks": "(above chance)", "perplexity": "(perplexity)", "chat": "(chat top-1 agreement)"}[self.quality])
         ax.set_title(f"{self.model}: {self.num_layers} layers", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -88,10 +94,16 @@ class QualityMeter:
 
     def __init__(self, pruner, quality: str = "perplexity", tasks=("arc_easy", "piqa", "hellaswag"),
                  limit: int | None = 200, progress: bool = True):
-        if quality not in ("tasks", "perplexity"):
-            raise ValueError(f"quality must be 'tasks' or 'perplexity', got {quality!r}")
+        if quality not in QUALITIES:
+            raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
         self.pruner, self.quality, self.tasks, self.limit, self.progress = pruner, quality, list(tasks), limit, progress
         self.windows = heldout_windows(pruner.tokenizer, n_samples=16)
+        self.reference = None
+        if quality == "chat":
+            from hubprune.chat import reference_answers
+
+            self.reference = reference_answers(pruner.model, pruner.tokenizer, n_prompts=CHAT_PROMPTS,
+                                               max_new_tokens=CHAT_TOKENS, progress=progress)
         self.original = self.measure_raw(pruner.model)
 
     def measure_raw(self, model) -> dict:
@@ -101,11 +113,19 @@ class QualityMeter:
 
             scores = evaluate_tasks(model, self.pruner.tokenizer, self.tasks, limit=self.limit, progress=False)
             result["tasks"] = {k: asdict(v) for k, v in scores.tasks.items()}
+        if self.quality == "chat":
+            from hubprune.chat import chat_fidelity
+
+            fidelity = chat_fidelity(model, self.pruner.model, self.pruner.tokenizer, reference=self.reference,
+                                     free=False, progress=False)
+            result["chat"] = {"top1_agreement": fidelity.top1_agreement, "kl": fidelity.kl}
         return result
 
     def relative(self, raw: dict) -> float:
         if self.quality == "perplexity":
             return self.original["perplexity"] / raw["perplexity"]
+        if self.quality == "chat":
+            return raw["chat"]["top1_agreement"]
         above = [raw["tasks"][t]["acc_norm"] - raw["tasks"][t]["chance"] for t in self.tasks]
         base = [self.original["tasks"][t]["acc_norm"] - self.original["tasks"][t]["chance"] for t in self.tasks]
         return sum(above) / sum(base)

@@ -159,6 +159,9 @@ def _info(folders: dict[str, str]) -> dict[str, dict]:
             record = PruneRecord.load(folder)
             info[name].update(base_model=record.base_model, base_num_layers=record.base_num_layers,
                               removed_layers=record.removed_layers)
+            chat = record.evaluation.get("chat") or {}
+            if chat.get("top1_agreement") is not None:  # measured by hubprune eval --chat
+                info[name]["chat_agreement"] = chat["top1_agreement"]
     return info
 
 

@@ -64,6 +64,7 @@ class ModelInfo:
     base_model: str | None = None
     parameters: int | None = None
     memory: str = "n/a"
+    chat_agreement: float | None = None  # top-1 agreement with the original's answers (hubprune eval --chat)
 
 
 class TextStream:
@@ -128,7 +129,7 @@ class InProcessBackend(Backend):
             name=self.name, kind="in-process", layers=layers,
             base_layers=self._facts.get("base_layers", layers), removed_layers=self._facts.get("removed_layers", []),
             base_model=self._facts.get("base_model") or self.origin.base_model,
-            parameters=self.parameters, memory=self._memory(),
+            parameters=self.parameters, memory=self._memory(), chat_agreement=self._facts.get("chat_agreement"),
         )
 
     def _memory(self) -> str:
@@ -324,7 +325,7 @@ class OpenAIBackend(Backend):
         return ModelInfo(name=self.name, kind="server", layers=facts.get("layers"),
                          base_layers=facts.get("base_layers"), removed_layers=facts.get("removed_layers", []),
                          base_model=facts.get("base_model"), parameters=facts.get("parameters"),
-                         memory=self._memory(facts))
+                         memory=self._memory(facts), chat_agreement=facts.get("chat_agreement"))
 
     def _static_facts(self) -> dict:
         if self._facts is None:
@@ -334,7 +335,7 @@ class OpenAIBackend(Backend):
                 extra = entry.get("hubprune") if entry.get("id") == self.model else None
                 if isinstance(extra, dict):  # facts the server adds beside the OpenAI fields, if any
                     extra = {"layers": extra.get("num_layers"), "base_layers": extra.get("base_num_layers"), **extra}
-                    for key in ("layers", "base_layers", "removed_layers", "base_model", "parameters"):
+                    for key in ("layers", "base_layers", "removed_layers", "base_model", "parameters", "chat_agreement"):
                         if extra.get(key) is not None:
                             facts.setdefault(key, extra[key])
             for key, value in self.known.items():
@@ -461,6 +462,9 @@ def record_facts(record: dict) -> dict:
         facts["parameters"] = record["parameters_after"]
     if record.get("parameters_before"):
         facts["base_parameters"] = record["parameters_before"]
+    chat = (record.get("evaluation") or {}).get("chat") or {}
+    if chat.get("top1_agreement") is not None:
+        facts["chat_agreement"] = chat["top1_agreement"]
     return facts
 
 

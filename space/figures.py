@@ -76,6 +76,8 @@ def stats_html(stats: PanelStats | None, info: dict | None, *, hide_identity: bo
         layers, base = info.get("layers"), info.get("base_layers")
         rows.append(("layers", "layers kept", layers, lambda v: f"{v} of {base}" if base else f"{v}"))
         rows.append(("params", "parameters", info.get("parameters"), human_count))
+        if info.get("chat_agreement") is not None:  # measured offline on held-out prompts, not on this answer
+            rows.append(("agree", "agrees with original (top-1)", info["chat_agreement"], lambda v: f"{v:.0%}"))
         rows.append(("memory", "memory", info.get("memory") or "n/a", str))
     elif info is not None:
         rows.append(("hidden", "layers, parameters, memory", "hidden until you vote", str))

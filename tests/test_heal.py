@@ -165,3 +165,25 @@ def test_heal_refits_the_layer_before_the_gap_first_and_records_it(pruned):
         "skipped": "no original model (teacher) was given"}
     with pytest.raises(ValueError, match="heal.refit_ridge must be positive"):
         HealConfig(refit_ridge=0)
+
+
+def test_resume_files_are_safetensors_and_json_and_a_planted_pickle_is_never_loaded(pruned, tmp_path, monkeypatch):
+    import pickle
+
+    config = HealConfig(**FAST)
+    pruned.heal(config, checkpoint_dir=tmp_path, progress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([CHECKPOINT_FILE, "heal_checkpoint-3.safetensors"]), names
+    meta = json.loads((tmp_path / CHECKPOINT_FILE).read_text())
+    assert meta["step"] == 3 and meta["tensors"] == "heal_checkpoint-3.safetensors"
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load must not be called on a resume file")
+
+    monkeypatch.setattr(torch, "load", never)
+    (tmp_path / "heal_checkpoint.pt").write_bytes(pickle.dumps({"planted": True}))  # the old name: ignored
+    assert pruned.heal(config, checkpoint_dir=tmp_path, progress=False).record.healing["resumed_from"] == 3
+    meta["tensors"] = "../../etc/passwd"  # a path elsewhere is read as a bare name in the folder
+    (tmp_path / CHECKPOINT_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="cannot be read"):
+        pruned.heal(config, checkpoint_dir=tmp_path, progress=False)

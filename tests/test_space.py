@@ -134,6 +134,7 @@ def test_a_served_original_known_only_by_hub_id_gets_its_size_from_the_pruned_re
 
     record = json.loads((pruned_dir / "hubprune.json").read_text())
     record["base_model"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a copy pruned from a Hub model
+    record["evaluation"] = {"chat": {"top1_agreement": 0.83}}  # as hubprune eval --chat writes it
     copy = tmp_path / "copy-pruned"
     copy.mkdir()
     (copy / "hubprune.json").write_text(json.dumps(record))
@@ -141,6 +142,7 @@ def test_a_served_original_known_only_by_hub_id_gets_its_size_from_the_pruned_re
     original, pruned = (b.info() for b in make_backends([record["base_model"], str(copy)], url))
     assert (original.layers, original.base_layers, original.parameters) == (6, 6, record["parameters_before"])
     assert (pruned.layers, pruned.removed_layers, pruned.parameters) == (4, REMOVED, record["parameters_after"])
+    assert (original.chat_agreement, pruned.chat_agreement) == (None, 0.83)
     assert original.memory.startswith("n/a")
 
 
@@ -163,6 +165,9 @@ def test_panel_stats_and_figures():
     assert "24 of 30" in html and "106.0 M" in html
     hidden = stats_html(s, info, hide_identity=True)
     assert "24 of 30" not in hidden and "hidden until you vote" in hidden
+    measured = stats_html(s, {**info, "chat_agreement": 0.83})
+    assert figures(measured)["agree"] == 0.83 and "83%" in measured
+    assert "agree" not in figures(stats_html(s, {**info, "chat_agreement": 0.83}, hide_identity=True))
 
 
 def test_layer_map_marks_the_removed_layers():

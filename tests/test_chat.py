@@ -1,0 +1,225 @@
+"""Chat fidelity and chat healing (hubprune.chat): tiny models with a chat template, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama, tiny_tokenizer
+from hubprune import chat
+from hubprune.config import ChatDataConfig, HealConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A ChatML-like template over the tiny tokenizer's own special tokens: </s> ends a turn.
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUBPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def prompt_file(tmp_path, n=12):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(f"Tell me a short story about a cat called number {i}." for i in range(n)))
+    return path
+
+
+def test_loops_counts_a_word_four_gram_three_times():
+    assert chat.loops("a luxury that requires a lot of effort, " * 3)
+    assert not chat.loops("a luxury that requires a lot of effort, " * 2)
+    assert not chat.loops("The capital of France is Paris.")
+
+
+def test_eval_prompts_are_mt_bench_then_evenly_spaced_natural_questions():
+    prompts, source = chat.eval_prompts(128)
+    assert source == "80 MT-bench first turns and 48 Natural Questions"
+    assert len(prompts) == len(set(prompts)) == 128
+    assert prompts[0].startswith("Compose an engaging travel blog post")
+    assert all(p.endswith("?") for p in prompts[80:])
+    assert chat.eval_prompts(128)[0] == prompts  # fixed, so runs compare
+    assert chat.eval_prompts(8)[0] == prompts[:8]
+    with pytest.raises(ValueError, match="positive"):
+        chat.eval_prompts(0)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(chat_tokenizer):
+    model = tiny_llama(seed=3)
+    inputs = chat.render(chat_tokenizer, ["Hi", "Tell me about the moon and the stars tonight", "Why?"], chat=True)
+    batched = chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, batch_size=3)
+    for ids, out in zip(inputs, batched):
+        alone = chat.generate(model, chat_tokenizer, [ids], max_new_tokens=12, batch_size=1)[0]
+        assert out.tokens == alone.tokens
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2,
+                                   eos_token_id=2)[0, len(ids):].tolist()
+        assert out.tokens == reference[: len(out.tokens)]
+    sampled = chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
+    assert sampled == chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
+
+
+def test_chat_windows_mark_exactly_the_answer_tokens(chat_tokenizer):
+    conversations = [{"prompt": f"question {i}", "answer": f"answer number {i} is here"} for i in range(30)]
+    windows = chat.chat_windows(chat_tokenizer, conversations, n_samples=4, seq_len=32)
+    assert windows.ids.shape == windows.loss_mask.shape == (4, 32)
+    assert (windows.ids[:, 0] == chat_tokenizer.bos_token_id).all() and not windows.loss_mask[:, 0].any()
+    learnt = chat_tokenizer.decode(windows.ids[windows.loss_mask])
+    assert "answer number 0 is here" in learnt and "question" not in learnt and "assistant" not in learnt
+    assert learnt.count("</s>") >= 2  # each answer's end-of-turn token is learnt too
+    with pytest.raises(ValueError, match="less than one window"):
+        chat.chat_windows(chat_tokenizer, conversations[:1], n_samples=4, seq_len=512)
+
+
+def test_fidelity_of_a_model_to_itself_is_perfect_and_to_another_is_not(chat_tokenizer):
+    model, other = tiny_llama(seed=0), tiny_llama(seed=1)
+    prompts = ["Hello there", "What is two plus two?", "Name a colour", "Tell me a story"]
+    same = chat.chat_fidelity(model, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
+    assert same.mode == "chat" and same.prompts == 4
+    assert same.top1_agreement == 1.0 and abs(same.kl) < 1e-4
+    assert (same.loop_rate, same.eos_rate) == (same.original_loop_rate, same.original_eos_rate)
+    assert same.answer_tokens > 0
+    apart = chat.chat_fidelity(other, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
+    assert apart.top1_agreement < 0.9 and apart.kl > 0.01
+    assert "top-1 agreement" in apart.table()
+    json.dumps(apart.to_dict())
+
+
+def test_fidelity_refuses_chat_without_a_template_and_names_the_fallback():
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="--continuations"):
+        chat.chat_fidelity(model, model, tok, prompts=["hi"], chat=True, progress=False)
+    result = chat.chat_fidelity(model, model, tok, prompts=["Once upon a time"], max_new_tokens=8, progress=False)
+    assert result.mode == "continuation" and result.top1_agreement == 1.0
+
+
+def test_magpie_questions_come_from_the_user_turn_prefix(chat_tokenizer):
+    assert chat.user_prefix(chat_tokenizer) == "<s>user: "
+    model = tiny_llama(seed=2)
+    config = ChatDataConfig(max_question_tokens=24, question_temperature=1.0, batch_size=16)
+    questions = chat.magpie_prompts(model, chat_tokenizer, 4, config, progress=False)
+    assert 0 < len(questions) <= 4 and len(set(questions)) == len(questions)
+    assert all(10 <= len(q) <= 600 for q in questions)
+
+
+def test_self_chat_is_cached_and_a_rerun_reuses_it(chat_tokenizer, cache, tmp_path, monkeypatch):
+    model = tiny_llama(seed=2)
+    config = ChatDataConfig(prompts=str(prompt_file(tmp_path)), max_new_tokens=8, batch_size=8)
+    first = chat.self_chat(model, chat_tokenizer, config, count=6, progress=False)
+    assert len(first) == 6 and first[0]["prompt"].startswith("Tell me a short story")
+    assert len(list((cache / "chat-data").glob("*.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached set must not be generated again")
+
+    monkeypatch.setattr(chat, "generate", refuse)
+    assert chat.self_chat(model, chat_tokenizer, config, count=6, progress=False) == first
+
+
+def test_prompts_that_overlap_the_evaluation_prompts_are_refused(chat_tokenizer, cache, tmp_path):
+    held_out = chat.eval_prompts(3)[0]
+    path = tmp_path / "leaky.txt"
+    path.write_text("Write me a poem.\n" + held_out[1] + "\n")
+    with pytest.raises(ValueError, match="overlap"):
+        chat.self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(path)), count=2, progress=False)
+    with pytest.raises(FileNotFoundError, match="one prompt a line"):
+        chat.self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(tmp_path / "nope.txt")), count=2)
+
+
+def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, cache, tmp_path):
+    from hubprune.heal import heal_model, healing_text
+
+    original = tiny_llama(num_layers=6, seed=4)
+    student = tiny_llama(num_layers=6, seed=4)
+    del student.model.layers[3]
+    student.config.num_hidden_layers = 5
+    for i, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = i
+    config = HealConfig(steps=3, batch_size=2, seq_len=32, distill=1.0, warmup_steps=0, refit=False,
+                        chat=ChatDataConfig(prompts=str(prompt_file(tmp_path)), conversations=12, max_new_tokens=16))
+    assert healing_text(config, chat_tokenizer, None, original)[0] == "chat"
+    assert healing_text(config, tiny_tokenizer(), None, original) == ("prose", "the tokenizer has no chat template")
+    healed, report = heal_model(student, chat_tokenizer, config, teacher=original, progress=False)
+    assert report.data["text"] == "chat" and "conversations written by the original" in report.data["source"]
+    assert report.final_loss == report.final_loss  # not NaN
+
+    mixed, report = heal_model(tiny_llama(num_layers=6, seed=4), chat_tokenizer,
+                               HealConfig(steps=2, batch_size=2, seq_len=32, distill=1.0, refit=False, mix=0.5,
+                                          chat=config.chat), teacher=original, progress=False)
+    assert "mixed with 2 windows" in report.data["source"]
+
+
+def test_chat_healing_refusals(chat_tokenizer, tmp_path):
+    from hubprune.heal import healing_text
+
+    original = tiny_llama()
+    with pytest.raises(ValueError, match="heal.text prose"):
+        healing_text(HealConfig(text="chat"), tiny_tokenizer(), None, original)
+    with pytest.raises(ValueError, match="not at hand"):
+        healing_text(HealConfig(text="chat"), chat_tokenizer, None, None)
+    with pytest.raises(ValueError, match="heal.mix"):
+        healing_text(HealConfig(text="chat"), chat_tokenizer, ["some prose"], original)
+    assert healing_text(HealConfig(), chat_tokenizer, ["some prose"], original)[0] == "prose"
+    for bad in ({"mix": 1.0}, {"mix": -0.1}, {"text": "poetry"}):
+        with pytest.raises(ValueError, match="heal\\."):
+            HealConfig(**bad)
+    for bad in ({"conversations": 0}, {"temperature": 0}, {"top_p": 1.5}, {"prompts": ""}):
+        with pytest.raises(ValueError, match="heal.chat"):
+            ChatDataConfig(**bad)
+
+
+def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
+    from hubprune.heal import _loss
+
+    model, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
+    batch = torch.randint(3, 300, (2, 16))
+    learn = torch.zeros(2, 16, dtype=torch.bool)
+    learn[:, 10:] = True
+    logits = model(input_ids=batch).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, 9:15].flatten(0, 1), batch[:, 10:].flatten())
+    lm = _loss(model, teacher, batch, HealConfig(distill=0.0), learn)
+    assert torch.allclose(lm, expected, atol=1e-5)
+    everything = _loss(model, teacher, batch, HealConfig(distill=0.0), None)
+    assert torch.allclose(everything, torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                                         batch[:, 1:].flatten()), atol=1e-5)
+    target = teacher(input_ids=batch).logits
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)[:, 9:15].mean()
+    assert torch.allclose(_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
+    nothing = _loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
+    assert nothing.item() == 0.0
+
+
+def test_eval_chat_on_a_model_without_a_chat_template_names_the_fallback(tiny_model_dir, tmp_path, capsys):
+    from hubprune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--layers", "2", "--out", str(out), "-q"]) == 0
+    assert main(["eval", str(out), "--chat", "--tasks", "", "-q"]) == 2
+    assert "--continuations" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "--chat", "-q"]) == 2
+    assert "hubprune.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_writes_its_own_questions_and_answers_itself_faithfully(smollm2, cache):
+    model, tok = smollm2.model, smollm2.tokenizer
+    questions = chat.magpie_prompts(model, tok, 4, ChatDataConfig(batch_size=4, max_question_tokens=48),
+                                    progress=False)
+    assert len(questions) == 4 and all(q.strip() for q in questions)
+    answer = chat.generate(model, tok, chat.render(tok, ["What is the capital of France?"], chat=True),
+                           max_new_tokens=16)[0]
+    assert "Paris" in tok.decode(answer.tokens) and answer.finished
+    same = chat.chat_fidelity(model, model, tok, n_prompts=3, max_new_tokens=24, progress=False)
+    assert same.top1_agreement == 1.0 and same.kl < 1e-4 and same.source == "3 MT-bench first turns"
