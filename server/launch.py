@@ -107,6 +107,9 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
         state["serving"] = True
         logger.info("serving %s at http://%s:%d/v1%s", ", ".join(engines), config.host, config.port,
                     " (API key required)" if config.api_key else "")
+        if not config.api_key and not _loopback(config.host):
+            logger.warning("warning: serving on %s without an API key: anyone who can reach this address can use "
+                           "the models; pass --api-key (or set HUBPRUNE_API_KEY), or bind to 127.0.0.1", config.host)
         await server.serve()
     except asyncio.CancelledError:
         logger.info("interrupted before serving")
@@ -197,3 +200,15 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as err:
             raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

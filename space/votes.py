@@ -42,6 +42,6 @@ def append_vote(path: str | os.PathLike, *, prompt: str, models: list[str], vote
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _LOCK, path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        f.write(json.dumps(line, ensure_ascii=True) + "\n")  # U+2028, U+0085 ... escaped: one record, one line
     logger.info("vote %s for %s appended to %s", vote, models, path)
     return line

@@ -305,3 +305,11 @@ def test_config_errors_are_refused_before_anything_starts(tmp_path, tiny_dirs, c
     assert main(["serve", str(tiny_dirs["tiny-a"]), "--engine", "transformers", "--quantization", "4bit",
                  "--device", "cpu"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_binding_beyond_this_machine_without_a_key_is_warned_about():
+    from hubprune.server.launch import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("127.3.4.5") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("::") and not _loopback("192.168.1.10")
+    assert not _loopback("example.org")

@@ -488,3 +488,14 @@ def test_the_pushed_space_runs_as_app_py_and_compares_hub_models(hub, tiny_model
     imported = subprocess.run([sys.executable, "-c", "import hubprune, app; print(hubprune.__file__)"], cwd=folder,
                               env=env, capture_output=True, text=True, check=True).stdout
     assert Path(imported.strip()).is_relative_to(folder)  # the Space imports its own copy of hubprune
+
+
+def test_a_vote_with_unicode_line_separators_stays_one_line(tmp_path):
+    from hubprune.space.votes import append_vote
+
+    path = tmp_path / "votes.jsonl"
+    prompt = "one\u2028two\u0085three\u2029four\r\nfive \u00e9"
+    append_vote(path, prompt=prompt, models=["a", "b"], vote="tie", sampling={}, blind=False)
+    append_vote(path, prompt="next", models=["a", "b"], vote="A", sampling={}, blind=False)
+    lines = path.read_bytes().decode("utf-8").splitlines()  # str.splitlines splits at U+2028 and U+0085 too
+    assert len(lines) == 2 and json.loads(lines[0])["prompt"] == prompt
