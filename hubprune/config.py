@@ -157,7 +157,11 @@ class ChatDataConfig:
     (refused if it shares a prompt with the held-out chat evaluation prompts). The answers are
     sampled from the original through its chat template at ``temperature`` / ``top_p``, up to
     ``max_new_tokens``. ``conversations`` is how many are written (healing reads them again when
-    its steps need more text). ``batch_size`` is the generation batch.
+    its steps need more text). ``student_answers``: that many of the same questions are also
+    answered greedily by the pruned model itself before healing (never cached), and healing
+    learns the original's distribution on those answers too: the states the pruned model
+    really reaches, loops included (on-policy distillation, Agarwal et al. 2024's GKD, from one
+    snapshot). ``batch_size`` is the generation batch.
 
     Example (YAML)::
 
@@ -173,9 +177,14 @@ class ChatDataConfig:
     top_p: float = 0.9
     question_temperature: float = 1.0
     max_question_tokens: int = 64
+    student_answers: int = 0
     batch_size: int = 32
 
     def __post_init__(self) -> None:
+        if not isinstance(self.student_answers, int) or isinstance(self.student_answers, bool) or not (
+                0 <= self.student_answers <= self.conversations):
+            raise ValueError(f"heal.chat.student_answers must be an integer in [0, conversations], "
+                             f"got {self.student_answers!r}")
         for name in ("conversations", "max_new_tokens", "max_question_tokens", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -94,7 +94,8 @@ def heal_model(
     world, rank = accelerator.num_processes, accelerator.process_index
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
-    windows = _healing_windows(tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process)
+    windows = _healing_windows(tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process,
+                               student=model)
     if eval_texts is not None:
         check_disjoint(windows.texts, eval_texts)
     refit = _refit(model, teacher, removed, windows, config, progress and accelerator.is_local_main_process)
@@ -207,20 +208,22 @@ def _own_base_weights(peft_model: nn.Module) -> None:
 
 def _loss(model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.Tensor | None = None) -> torch.Tensor:
     # `learn` ([B, T] bool, None for all): the tokens to learn; position t is scored when token t+1 is one.
-    # Only the scored positions' logits go on to the softmax: for chat text that skips the prompts.
+    # Every position goes through the softmax and the unscored ones are masked after: gathering the
+    # scored rows first was slower on a CPU (the backward of boolean indexing scatters into [B, T, V]).
+    # Labels are shifted by padding rather than logits by slicing: no copy of the [B, T, V] logits.
+    logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
     scored = torch.ones_like(batch, dtype=torch.bool) if learn is None else learn
     scored = F.pad(scored[:, 1:], (0, 1), value=False)  # the last position predicts nothing
-    targets = F.pad(batch[:, 1:], (0, 1))[scored]
-    count = max(int(scored.sum()), 1)  # a batch with nothing to learn adds 0, not NaN
-    logits = model(input_ids=batch, use_cache=False).logits[scored].float()  # [N, V]
-    lm = F.cross_entropy(logits, targets, reduction="sum") / count
+    labels = F.pad(batch[:, 1:].masked_fill(~scored[:, :-1], -100), (0, 1), value=-100)
+    count = scored.sum().clamp(min=1)  # a batch with nothing to learn adds 0, not NaN
+    lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / count
     if not config.distill:
         return lm
     with torch.no_grad():
-        target = teacher(input_ids=batch, use_cache=False).logits[scored].float()
+        target = teacher(input_ids=batch, use_cache=False).logits.float()
     t = config.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
-    kl = kl / count * t * t  # per scored token
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
+    kl = (kl.sum(-1) * scored).sum() / count * t * t  # per scored token
     return (1 - config.distill) * lm + config.distill * kl
 
 
@@ -249,7 +252,7 @@ def _refit_windows(config: HealConfig) -> int:
 
 
 def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teacher: nn.Module | None,
-                     progress: bool) -> TokenWindows:
+                     progress: bool, student: nn.Module | None = None) -> TokenWindows:
     needed = config.steps * config.batch_size * config.grad_accum * world
     if config.refit:
         needed = max(needed, _refit_windows(config))
@@ -263,11 +266,18 @@ def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teach
     if kind == "prose":
         windows = prose
     else:
-        from hubprune.chat import chat_windows, self_chat
+        from hubprune.chat import chat_windows, self_chat, student_chat
 
         conversations = self_chat(teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed,
                                   progress=progress)
+        if config.chat.student_answers and student is not None:
+            own = student_chat(student, tokenizer, conversations[: config.chat.student_answers], config.chat,
+                               progress=progress)
+            conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own):]
         windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
+        own = sum(c.get("by") == "pruned" for c in conversations)
+        windows.source = (f"{len(conversations) - own} conversations written by the original"
+                          + (f" and {own} of its questions answered by the pruned model" if own else ""))
         if prose is not None:  # prose learns every token
             windows = TokenWindows(torch.cat([windows.ids, prose.ids]), windows.texts + prose.texts,
                                    f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",

@@ -151,7 +151,7 @@ def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, c
     assert healing_text(config, chat_tokenizer, None, original)[0] == "chat"
     assert healing_text(config, tiny_tokenizer(), None, original) == ("prose", "the tokenizer has no chat template")
     healed, report = heal_model(student, chat_tokenizer, config, teacher=original, progress=False)
-    assert report.data["text"] == "chat" and "conversations written by the original" in report.data["source"]
+    assert report.data["text"] == "chat" and report.data["source"] == "12 conversations written by the original"
     assert report.final_loss == report.final_loss  # not NaN
 
     mixed, report = heal_model(tiny_llama(num_layers=6, seed=4), chat_tokenizer,
@@ -223,3 +223,41 @@ def test_smollm2_writes_its_own_questions_and_answers_itself_faithfully(smollm2,
     assert "Paris" in tok.decode(answer.tokens) and answer.finished
     same = chat.chat_fidelity(model, model, tok, n_prompts=3, max_new_tokens=24, progress=False)
     assert same.top1_agreement == 1.0 and same.kl < 1e-4 and same.source == "3 MT-bench first turns"
+
+
+def test_student_answers_add_the_pruned_models_own_greedy_answers(chat_tokenizer, cache, tmp_path):
+    from hubprune.heal import heal_model
+
+    original, student = tiny_llama(num_layers=6, seed=4), tiny_llama(num_layers=6, seed=5)
+    chat_config = ChatDataConfig(prompts=str(prompt_file(tmp_path)), conversations=8, max_new_tokens=12,
+                                 student_answers=4)
+    own = chat.student_chat(student, chat_tokenizer, [{"prompt": "Hello there"}], chat_config, progress=False)
+    expected = chat.generate(student, chat_tokenizer, chat.render(chat_tokenizer, ["Hello there"], True),
+                             max_new_tokens=12)[0]
+    assert own[0]["answer"] == chat_tokenizer.decode(expected.tokens, skip_special_tokens=True).strip()
+    _, report = heal_model(student, chat_tokenizer, HealConfig(steps=2, batch_size=2, seq_len=32, distill=1.0,
+                                                               refit=False, chat=chat_config),
+                           teacher=original, progress=False)
+    assert report.data["source"] == ("8 conversations written by the original and 4 of its questions answered "
+                                     "by the pruned model")
+    with pytest.raises(ValueError, match="student_answers"):
+        ChatDataConfig(conversations=4, student_answers=5)
+
+
+def test_the_originals_answers_are_cached_by_its_weights(chat_tokenizer, cache, monkeypatch):
+    model = tiny_llama(seed=7)
+    first = chat.reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
+                                   progress=False)
+    changed = tiny_llama(seed=7)
+    with torch.no_grad():
+        changed.model.layers[2].mlp.down_proj.weight.mul_(1.01)  # the embeddings and config are the same
+    assert chat.model_fingerprint(changed) != chat.model_fingerprint(model)
+    assert chat.model_fingerprint(tiny_llama(seed=7)) == chat.model_fingerprint(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cached greedy answers must not be generated again")
+
+    monkeypatch.setattr(chat, "generate", refuse)
+    again = chat.reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
+                                   progress=False)
+    assert again.answers == first.answers and again.inputs == first.inputs
