@@ -192,7 +192,7 @@ def _chat_rows(chat: dict | None) -> list[dict]:
     return [
         {"name": f"{what}: top-1 agreement with the original", "original": "1", "pruned": f"{chat['top1_agreement']:.3f}",
          "kept": f"{chat['top1_agreement']:.0%}"},
-        {"name": f"{what}: KL(original || this), nats/token", "original": "0", "pruned": f"{chat['kl']:.3f}", "kept": ""},
+        {"name": f"{what}: KL(original ‖ this), nats/token", "original": "0", "pruned": f"{chat['kl']:.3f}", "kept": ""},
         {"name": f"{what} that loop (a word 4-gram 3+ times)", "original": f"{chat['original_loop_rate']:.0%}",
          "pruned": f"{chat['loop_rate']:.0%}", "kept": ""},
         {"name": f"{what} that end within {chat['max_new_tokens']} tokens", "original": f"{chat['original_eos_rate']:.0%}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ logger = logging.getLogger("hubprune")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as typed, for records
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not args.verbose:
         import transformers
@@ -228,7 +230,7 @@ def cmd_eval(args) -> int:
         Path(args.out).write_text(_json.dumps(data, indent=1))
         print(f"results written to {args.out}")
     if record is not None and "original" in results:
-        command = "hubprune eval " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["eval"] else "hubprune eval"
+        command = "hubprune " + shlex.join(args.argv)
         record.evaluation = {**data, "heldout": results["pruned"].heldout, "command": command}
         record.save(folder)
         if readme_was_edited(folder):

@@ -56,6 +56,9 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
         "original": {"perplexity": 20.0, "tasks": {"arc_easy": {"acc_norm": 0.5, "chance": 0.25}}},
         "pruned": {"perplexity": 24.0, "tasks": {"arc_easy": {"acc_norm": 0.45, "chance": 0.25}}},
         "heldout": "16 x 256 tokens of held-out Wikipedia", "command": "hubprune eval tiny",
+        "chat": {"mode": "chat", "prompts": 128, "source": "80 MT-bench first turns and 48 Natural Questions",
+                 "max_new_tokens": 128, "answer_tokens": 13359, "top1_agreement": 0.706, "kl": 0.519,
+                 "loop_rate": 0.68, "eos_rate": 0.258, "original_loop_rate": 0.352, "original_eos_rate": 0.344},
     }
     record.healing = {"method": "lora+distill", "steps": 10, "tokens": 10240, "seconds": 12.0, "tokens_per_second": 853.0,
                       "first_loss": 3.0, "final_loss": 2.5, "data": {"source": "wiki corpus (train split)"},
@@ -75,6 +78,11 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
     assert "| arc_easy acc_norm | 0.5000 | 0.4500 | 80% above chance |" in text
     assert "keeps 80% of the original's accuracy above chance" in text
     assert "| held-out perplexity (lower is better) | 20.00 | 24.00 | x1.20 |" in text
+    assert "| chat answers: top-1 agreement with the original | 1 | 0.706 | 71% |" in text
+    assert "| chat answers that loop (a word 4-gram 3+ times) | 35% | 68% |  |" in text
+    assert "the original answered 80 MT-bench first turns and 48 Natural Questions greedily" in text
+    table = text[text.index("## Quality before and after"):text.index("## Size")]
+    assert {line.count("|") for line in table.splitlines() if line.startswith("|")} == {5}  # no stray pipes
     assert "## Healing" in text and "LoRA with distillation from the original (KL weight 0.5" in text
     assert ("layer 0 mlp.down_proj refit by least squares for the removed [1, 3) (32,768 tokens; fit error 0.90 -> "
             "0.30)") in text

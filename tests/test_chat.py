@@ -261,3 +261,24 @@ def test_the_originals_answers_are_cached_by_its_weights(chat_tokenizer, cache, 
     again = chat.reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
                                    progress=False)
     assert again.answers == first.answers and again.inputs == first.inputs
+
+
+def test_eval_chat_writes_the_record_and_the_card(chat_tokenizer, cache, tmp_path, capsys):
+    from hubprune.cli import main
+
+    source = tmp_path / "chatty"
+    tiny_llama(seed=9).save_pretrained(source)
+    chat_tokenizer.save_pretrained(source)
+    out = tmp_path / "chatty-pruned"
+    assert main(["prune", str(source), "--layers", "2,3", "--out", str(out), "-q"]) == 0
+    assert main(["eval", str(out), "--chat", "--tasks", "", "--chat-prompts", "4", "--max-new-tokens", "8",
+                 "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 agreement with the original" in printed and "4 MT-bench first turns" in printed
+    record = json.loads((out / "hubprune.json").read_text())
+    measured = record["evaluation"]["chat"]
+    assert measured["prompts"] == 4 and 0 <= measured["top1_agreement"] <= 1 and measured["kl"] >= 0
+    assert record["evaluation"]["command"] == (f"hubprune eval {out} --chat --tasks '' --chat-prompts 4 "
+                                               "--max-new-tokens 8 -q")
+    card = (out / "README.md").read_text()
+    assert f"| chat answers: top-1 agreement with the original | 1 | {measured['top1_agreement']:.3f} |" in card
