@@ -54,3 +54,14 @@ def test_prune_with_a_quality_budget_from_the_cli(tiny_model_dir, tmp_path, caps
     record = json.loads((tmp_path / "b" / "hubprune.json").read_text())
     budget = record["scores"]["budget"]
     assert budget["chosen"] == len(record["removed_layers"]) and budget["measured"]
+
+
+def test_chat_quality_is_top1_agreement_with_the_originals_answers(pruner, monkeypatch):
+    from hubprune import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "CHAT_PROMPTS", 4)  # a tiny model: 4 prompts of up to 64 tokens
+    result = sweep(pruner, fractions=(0.2,), metrics=("angular_last",), quality="chat", progress=False)
+    (point,) = result.points
+    assert 0 <= point.quality < 1  # a random model without one layer is no longer the original
+    n, points = largest_drop_within(pruner, 0.99, quality="chat", progress=False)
+    assert n >= 1 and all(0 <= p.quality <= 1 for p in points)
