@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from starlette.responses import JSONResponse
 
 ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM's OpenAI server takes (torch takes more)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
 
