@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: a peak-memory sampler and a repeat-and-take-the-median timer."""
+"""Helpers shared by the benchmarks: a peak-memory sampler, a repeat-and-take-the-median timer, and
+the models the recipe comparisons measure."""
 
 from __future__ import annotations
 
@@ -55,3 +56,23 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def compared_model(method: str, pruner, recipe, n: int):
+    """One row's model: the original, a public layer choice unhealed ("angular", "block_influence"),
+    the last n layers healed as the recipe heals ("last"), or the recipe itself ("hubprune").
+    Returns (model, removed layers, healing seconds or None, the healing report or {})."""
+    if method == "original":
+        return pruner.model, [], None, {}
+    layers = pruner.num_layers
+    if method == "last":
+        pruned = pruner.prune(layers=list(range(layers - n, layers)))
+    else:
+        metric = {"angular": "angular_last", "block_influence": "block_influence"}.get(method, recipe.prune.metric)
+        pruned = pruner.prune(n_layers=n, metric=metric)
+    seconds = None
+    if method in ("last", "hubprune") and recipe.heal is not None:
+        started = time.perf_counter()
+        pruned = pruned.heal(recipe.heal)  # the refit, then LoRA distillation: all of the healing budget
+        seconds = time.perf_counter() - started
+    return pruned.model, pruned.record.removed_layers, seconds, pruned.record.healing

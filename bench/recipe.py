@@ -20,11 +20,11 @@ import argparse
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import torch
 
+from _common import compared_model
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.evaluate import evaluate_model
@@ -42,23 +42,7 @@ ROWS = {
 
 def measure(row: str, pruner: LayerPruner, recipe: Recipe, n: int, sample: int | None) -> dict:
     """Prune (and heal) one row's model and score it; returns what the table needs."""
-    layers = pruner.num_layers
-    heal_seconds, removed, healing = None, [], {}
-    if row == "original":
-        model = pruner.model
-    else:
-        if row == "last":
-            pruned = pruner.prune(layers=list(range(layers - n, layers)))
-        else:
-            metric = {"angular": "angular_last", "block_influence": "block_influence"}.get(row, recipe.prune.metric)
-            pruned = pruner.prune(n_layers=n, metric=metric)
-        removed = pruned.record.removed_layers
-        if row in ("last", "hubprune"):
-            started = time.perf_counter()
-            pruned = pruned.heal(recipe.heal)  # the refit, then LoRA distillation: all of the healing budget
-            heal_seconds = time.perf_counter() - started
-            healing = pruned.record.healing
-        model = pruned.model
+    model, removed, heal_seconds, healing = compared_model(row, pruner, recipe, n)
     result = evaluate_model(model, pruner.tokenizer, TASKS, sample=sample)
     return {"row": row, "removed": removed, "heal_seconds": heal_seconds, "result": result.to_dict(),
             "refit": healing.get("refit", {}), "heal_loss": [healing.get("first_loss"), healing.get("final_loss")]}
