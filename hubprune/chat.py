@@ -423,7 +423,10 @@ def chat_windows(tokenizer, conversations: list[dict], n_samples: int, seq_len: 
     if bos is not None:
         ids = torch.cat([torch.full((count, 1), bos), ids], 1)
         mask = torch.cat([torch.zeros(count, 1, dtype=torch.bool), mask], 1)
-    return TokenWindows(ids, texts, f"{len(conversations)} conversations", loss_mask=mask)
+    own = sum(c.get("by") == "pruned" for c in conversations)
+    source = (f"{len(conversations) - own} conversations written by the original"
+              + (f" and {own} of its questions answered by the pruned model" if own else ""))
+    return TokenWindows(ids, texts, source, loss_mask=mask)
 
 
 def _prompt_file(path: str) -> list[str]:

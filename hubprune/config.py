@@ -181,14 +181,14 @@ class ChatDataConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.student_answers, int) or isinstance(self.student_answers, bool) or not (
-                0 <= self.student_answers <= self.conversations):
-            raise ValueError(f"heal.chat.student_answers must be an integer in [0, conversations], "
-                             f"got {self.student_answers!r}")
         for name in ("conversations", "max_new_tokens", "max_question_tokens", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"heal.chat.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.student_answers, int) or isinstance(self.student_answers, bool) or not (
+                0 <= self.student_answers <= self.conversations):
+            raise ValueError(f"heal.chat.student_answers must be an integer in [0, conversations], "
+                             f"got {self.student_answers!r}")
         for name in ("temperature", "question_temperature"):
             if not 0 < getattr(self, name) <= 2:
                 raise ValueError(f"heal.chat.{name} must lie in (0, 2] (sampling), got {getattr(self, name)}")

@@ -275,9 +275,6 @@ def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teach
                                progress=progress)
             conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own):]
         windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
-        own = sum(c.get("by") == "pruned" for c in conversations)
-        windows.source = (f"{len(conversations) - own} conversations written by the original"
-                          + (f" and {own} of its questions answered by the pruned model" if own else ""))
         if prose is not None:  # prose learns every token
             windows = TokenWindows(torch.cat([windows.ids, prose.ids]), windows.texts + prose.texts,
                                    f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
@@ -301,9 +298,10 @@ def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | 
     if config.text == "chat":
         if problem:
             raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
-        if given:
+        if given and not config.mix:
             raise ValueError("heal.text chat writes its own conversations, but healing text was given too; "
-                             "give heal.text prose to heal on that text, or heal.mix to mix prose into chat")
+                             "give heal.text prose to heal on that text alone, or heal.mix > 0 to mix it into "
+                             "the conversations")
         return "chat", "heal.text is chat"
     if given:
         return "prose", "healing text was given"

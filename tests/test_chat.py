@@ -171,6 +171,7 @@ def test_chat_healing_refusals(chat_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="heal.mix"):
         healing_text(HealConfig(text="chat"), chat_tokenizer, ["some prose"], original)
     assert healing_text(HealConfig(), chat_tokenizer, ["some prose"], original)[0] == "prose"
+    assert healing_text(HealConfig(text="chat", mix=0.3), chat_tokenizer, ["some prose"], original)[0] == "chat"
     for bad in ({"mix": 1.0}, {"mix": -0.1}, {"text": "poetry"}):
         with pytest.raises(ValueError, match="heal\\."):
             HealConfig(**bad)
