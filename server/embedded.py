@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import threading
@@ -86,7 +87,8 @@ class TransformersEngine(Engine):
         self.spec, self.folder, self.device = spec, folder, resolve_device(device)
         self.model = self.tokenizer = None
         self.eos_ids: set[int] = set()
-        self._tok_lock = threading.Lock()  # the Rust tokenizer is shared by the loop and the worker thread
+        self._tok_lock = threading.Lock()  # the worker's detokenizers share the tokenizer
+        self._encoder, self._enc_lock = None, threading.Lock()  # a copy for requests: a long prompt stalls no stream
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve_batches, name=f"hubprune-{spec.name}", daemon=True)
         self._jobs: set[_Job] = set()
@@ -113,6 +115,7 @@ class TransformersEngine(Engine):
         self.eos_ids = {t for t in ([eos] if isinstance(eos, int) else eos or []) + [self.tokenizer.eos_token_id]
                         if t is not None}
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, *sorted(self.eos_ids)) if t is not None), 0)
+        self._encoder = copy.deepcopy(self.tokenizer)
         logger.info("%s: loaded %s on %s (%d layers, context %d)", self.name, self.folder, self.device,
                     config.num_hidden_layers, self.max_model_len)
 
@@ -130,7 +133,7 @@ class TransformersEngine(Engine):
 
     async def handle(self, route: str, body: dict, sampling: Sampling, stats: RequestStats) -> Response:
         _check_supported(body)
-        prompt_ids = self._encode(route, body)
+        prompt_ids = await asyncio.to_thread(self._encode, route, body)  # off the event loop: MBs take seconds
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt is "
@@ -247,24 +250,24 @@ class TransformersEngine(Engine):
                     job.emit(("error", f"{type(err).__name__}: {err}"))
 
     def _encode(self, route: str, body: dict) -> list[int]:
-        tok = self.tokenizer
+        tok = self._encoder
         if route == "chat":
             if not getattr(tok, "chat_template", None):
                 raise APIError(400, f"model {self.name} has no chat template; send a prompt to /v1/completions",
                                param="messages", code="no_chat_template")
             messages = [{**m, "content": _text_of(m.get("content"), i)} for i, m in enumerate(body["messages"])]
             try:
-                with self._tok_lock:
+                with self._enc_lock:
                     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as err:  # jinja raises for messages the template refuses (e.g. wrong role order)
                 raise bad_param("messages", f"the chat template refused these messages: {err}") from None
-            with self._tok_lock:
+            with self._enc_lock:
                 return tok(text, add_special_tokens=False)["input_ids"]
         prompt = body["prompt"]
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            with self._tok_lock:
+            with self._enc_lock:
                 return tok(prompt, add_special_tokens=True)["input_ids"]
         if prompt and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tok) for t in prompt):
             return list(prompt)
@@ -272,8 +275,11 @@ class TransformersEngine(Engine):
                         f"token ids in [0, {len(tok)})")
 
     async def count_tokens(self, text: str) -> int:
-        with self._tok_lock:
-            return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        def count() -> int:
+            with self._enc_lock:
+                return len(self._encoder(text, add_special_tokens=True)["input_ids"])
+
+        return await asyncio.to_thread(count)
 
     async def health(self) -> bool:
         return self.model is not None and self._worker.is_alive()

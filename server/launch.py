@@ -101,9 +101,11 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
         else:
             await asyncio.gather(*(_start(engine) for engine in engines.values()))
         app = create_app(engines, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                         max_queue={s.name: s.max_queue for s in config.models}, info=_info(folders))
-        server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                               access_log=False, lifespan="off", timeout_graceful_shutdown=10))
+                         max_queue={s.name: s.max_queue for s in config.models}, info=_info(folders),
+                         shutdown_grace=config.shutdown_grace)
+        server = _Server(app, loop, uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                             access_log=False, lifespan="off",
+                                             timeout_graceful_shutdown=config.shutdown_grace + 5))
         state["serving"] = True
         logger.info("serving %s at http://%s:%d/v1%s", ", ".join(engines), config.host, config.port,
                     " (API key required)" if config.api_key else "")
@@ -116,6 +118,20 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
     finally:
         await asyncio.gather(*(engine.close() for engine in engines.values()), return_exceptions=True)
         logger.info("stopped %d engine(s)", len(engines))
+
+
+def _Server(app, loop: asyncio.AbstractEventLoop, config):
+    """uvicorn's server, which also starts the app's shutdown grace period when a signal stops it."""
+    import uvicorn
+
+    from hubprune.server.app import begin_shutdown
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            loop.call_soon_threadsafe(begin_shutdown, app)
+            super().handle_exit(sig, frame)
+
+    return Server(config)
 
 
 async def _start(engine) -> None:

@@ -8,17 +8,19 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from hubprune.server.vllm_engine import free_port
 
 
 class ServeProcess:
@@ -39,7 +41,7 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "hubprune.cli", "serve", *self.args, "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env)
+                                            env=self.env, preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -75,3 +77,23 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent():
+    """A ``preexec_fn`` under which a child gets SIGTERM when its parent dies, even by SIGKILL (Linux).
+
+    None off the main thread: the kernel sends the signal when the starting *thread* ends."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    return _set_parent_death_signal
+
+
+def _set_parent_death_signal() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

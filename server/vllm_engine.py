@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
 import json
 import logging
@@ -37,7 +36,8 @@ from starlette.responses import Response, StreamingResponse
 from hubprune.server.config import ModelSpec
 from hubprune.server.engine import Engine
 from hubprune.server.metrics import RequestStats
-from hubprune.server.protocol import ROUTES, APIError, Sampling
+from hubprune.server.process import die_with_parent, free_port
+from hubprune.server.protocol import ROUTES, APIError, Sampling, sse
 
 logger = logging.getLogger(__name__)
 # hubprune's names for bitsandbytes-style loading -> vLLM's quantization methods.
@@ -57,13 +57,6 @@ def vllm_available(python: str | Path, timeout: float = 120.0) -> bool:
         return subprocess.run([str(python), "-c", "import vllm"], capture_output=True, timeout=timeout).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMEngine(Engine):
@@ -118,7 +111,7 @@ class VLLMEngine(Engine):
             logger.debug("%s: %s", self.name, " ".join(cmd))
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                                env=env, start_new_session=True, preexec_fn=die_with_parent())
         elif self.spec.url_api_key_env:
             key = os.environ.get(self.spec.url_api_key_env)
             if not key:
@@ -204,6 +197,12 @@ class VLLMEngine(Engine):
             if buffer:
                 yield buffer
             stats.finish(status=200)
+        except httpx.TransportError as err:  # the vLLM process died or closed the stream mid-answer
+            logger.warning("%s: the vLLM stream broke: %s: %s", self.name, type(err).__name__, err)
+            stats.finish(status=503)
+            yield sse(APIError(503, f"the vLLM server of {self.name} stopped mid-answer ({type(err).__name__}); "
+                               f"its log is {self.log_path}", code="engine_unavailable").body())
+            yield sse("[DONE]")
         finally:
             with anyio.CancelScope(shield=True):  # the client may have left: close the upstream stream anyway
                 await upstream.aclose()
@@ -263,8 +262,3 @@ def _take_usage(events: bytes, stats: RequestStats, keep: bool) -> bytes:
         if event:
             out.append(event + b"\n\n")
     return b"".join(out)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

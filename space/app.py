@@ -35,6 +35,7 @@ else:  # run as the top-level app.py of a Space repository
 logger = logging.getLogger(__name__)
 
 MAX_PANELS = 4
+MAX_PROMPT_CHARS = 16_000  # a longer prompt is refused before any model sees it
 LETTERS = "ABCD"
 REFRESH_SECONDS = 0.1  # at most ten UI updates a second while streaming
 EXAMPLES = [
@@ -72,7 +73,7 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
             blind = gr.Checkbox(False, label="Blind A/B: hide names until you vote", scale=1, elem_id="blind")
         with gr.Row(equal_height=True):
             prompt = gr.Textbox(placeholder="Ask something…", label="prompt", show_label=False, lines=2, scale=6,
-                                 elem_id="prompt")
+                                 elem_id="prompt", max_length=MAX_PROMPT_CHARS)
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Accordion("Sampling (shared by all panels)", open=False):
             with gr.Row():
@@ -205,6 +206,8 @@ def _compare(text, chosen, sampling_values, blind_mode, previous, by_name, shuff
 def _check_request(prompt: str, chosen: list[str], blind_mode: bool, by_name: dict) -> str | None:
     if not prompt:
         return "Type a prompt first: nothing was sent."
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return f"The prompt has {len(prompt):,} characters; this app takes at most {MAX_PROMPT_CHARS:,}. Nothing was sent."
     unknown = [c for c in chosen if c not in by_name]
     if unknown:
         return f"Unknown model {unknown[0]!r}; choose from {', '.join(by_name)}"

@@ -14,12 +14,12 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
+from hubprune.server.process import die_with_parent, free_port
 from hubprune.space.app import build_app
 from hubprune.space.backends import make_backends, model_specs, parse_model
 
@@ -73,9 +73,13 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.names = [parse_model(m)[0] for m in models]
         command = [sys.executable, "-m", "hubprune.cli", "serve", *models, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--device", device, *(["--engine", engine] if engine else [])]
+                   "--port", str(self.port), "--device", device, *(["--engine", engine] if engine else []),
+                   "--shutdown-grace", "1"]  # its only client is this app, which is going away
         logger.info("starting %s", " ".join(command))
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # its own session: a Ctrl-C reaches only this app, which closes its streams first and then stops the
+        # server; die_with_parent: a SIGKILLed app leaves no server behind
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True, preexec_fn=die_with_parent())
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
         self.ready = False
         threading.Thread(target=self._relay, daemon=True).start()
@@ -120,10 +124,3 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 
 import httpx
 import openai
@@ -262,6 +264,27 @@ def test_metrics_count_requests_tokens_and_first_token_time(client, server):
     ttft = "hubprune_time_to_first_token_seconds_count" + label
     assert sample(after, ttft) - sample(before, ttft) >= 1  # the streamed one at least
     assert sample(after, 'hubprune_requests_in_flight{model="tiny-a"}') == 0
+
+
+def test_zy_a_vllm_process_killed_mid_stream_ends_the_stream_with_an_error_event(server, engine, tiny_dirs):
+    if engine != "vllm":
+        pytest.skip("the embedded engine runs in the server's own process: there is no engine process to kill")
+    vllm = [p for p in psutil.Process(server.process.pid).children()
+            if str(tiny_dirs["tiny-b"]) in " ".join(p.cmdline())]
+    assert len(vllm) == 1, vllm
+    body = {"model": "tiny-b", "prompt": "Once", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        events = response.iter_bytes()
+        first = next(events)
+        os.killpg(vllm[0].pid, signal.SIGSTOP)  # frozen at once, then killed: the answer cannot have finished
+        os.killpg(vllm[0].pid, signal.SIGKILL)
+        text = first + b"".join(events)
+    assert text.rstrip().endswith(b"data: [DONE]"), text[-300:]
+    errors = [json.loads(e[6:]) for e in text.split(b"\n\n") if e.startswith(b'data: {"error"')]
+    assert errors and errors[0]["error"]["code"] == "engine_unavailable", text[-300:]
+    health = httpx.get(server.url + "/health", timeout=30)  # the router sees the dead engine (and reaps it)
+    assert health.status_code == 503 and health.json()["models"] == {"tiny-a": True, "tiny-b": False}
 
 
 def test_zz_sigterm_stops_the_server_and_every_engine_process(server, engine):
