@@ -337,3 +337,16 @@ def test_binding_beyond_this_machine_without_a_key_is_warned_about():
     assert _loopback("127.0.0.1") and _loopback("127.3.4.5") and _loopback("::1") and _loopback("localhost")
     assert not _loopback("0.0.0.0") and not _loopback("::") and not _loopback("192.168.1.10")
     assert not _loopback("example.org")
+
+
+@pytest.mark.vllm
+def test_a_sigkilled_server_leaves_no_vllm_process_behind(tiny_dirs, tmp_path):
+    require_vllm()
+    server = ServeProcess([str(tiny_dirs["tiny-b"]), "--engine", "vllm", "--max-model-len", "128",
+                           "--log-dir", str(tmp_path)], log_path=tmp_path / "serve.log").start(timeout=300)
+    engines = psutil.Process(server.process.pid).children(recursive=True)
+    assert any("vllm" in " ".join(p.cmdline()) for p in engines)
+    server.process.kill()
+    server.process.wait(10)
+    gone, alive = psutil.wait_procs(engines, timeout=30)
+    assert not alive, f"vLLM processes left after the server was SIGKILLed: {[p.cmdline()[:3] for p in alive]}"
