@@ -5,6 +5,7 @@
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
     python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
     python3 dev.py attack   # attack a running server with 10,000 generated bad requests; print the report
+    python3 dev.py coverage # prune a tiny random model of every causal-LM type in transformers; print the coverage
 
 Needs nothing but Python 3.10+ and the package registries. The set-up is skipped when
 nothing it depends on changed since the last run.
@@ -111,7 +112,7 @@ def setup_browser() -> None:
 
 def main(argv: list[str]) -> int:
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
-    if command not in {"demo", "test", "setup", "attack"}:
+    if command not in {"demo", "test", "setup", "attack", "coverage"}:
         print(__doc__, file=sys.stderr)
         return 2
     setup()
@@ -129,6 +130,8 @@ def main(argv: list[str]) -> int:
         return subprocess.call([PYTHON, "-m", "pytest", *rest], cwd=ROOT)
     if command == "attack":  # extra args go to tests/attack.py, e.g. --requests 20000 --engine vllm
         return subprocess.call([PYTHON, "tests/attack.py", *rest], cwd=ROOT)
+    if command == "coverage":  # extra args go to tests/arch_coverage.py, e.g. --types llama,qwen3_moe
+        return subprocess.call([PYTHON, "tests/arch_coverage.py", *rest], cwd=ROOT)
     return 0
 
 

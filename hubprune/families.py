@@ -1,18 +1,25 @@
-"""Where each supported architecture keeps its decoder layers.
+"""Where a causal LM keeps its decoder layers: found in the module tree, not listed.
 
-Every family is one row: the dotted path (from the ``*ForCausalLM`` object) to the
-``nn.ModuleList`` of decoder layers, the path to the norm applied after the last layer
-(its *input* is the pre-norm residual stream the scan needs), and the linear projections
-inside a layer that LoRA healing targets. Nothing assumes ``model.model.layers``.
+A ``Family`` says, from the ``*ForCausalLM`` object: the dotted path to the ``nn.ModuleList``
+of decoder layers, the path to the norm applied after the last layer (its *input* is the
+pre-norm residual stream the scan needs), the linear projections inside a layer that LoRA
+healing targets, and the MLP output projection the refit may refit. ``family_of`` finds them
+for any architecture (``discover``: the one ModuleList with ``num_hidden_layers`` entries of
+the text model, the norm beside it, the linear layers inside); ``OVERRIDES`` holds only the
+exceptions where the found answer is not the right one. Nothing assumes ``model.model.layers``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+import weakref
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -23,54 +30,142 @@ class Family:
     model_types: tuple[str, ...]
     layers: str = "model.layers"
     final_norm: str = "model.norm"
-    lora_targets: tuple[str, ...] = _LLAMA_LIKE
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # The layer's MLP output projection, where its output is added straight to the residual
     # stream (None where the family normalises it first): what hubprune.refit refits.
     mlp_out: str | None = "mlp.down_proj"
 
 
-FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",)),
-    Family("mistral", ("mistral",)),
-    Family("qwen2", ("qwen2",)),
-    Family("qwen3", ("qwen3",)),
-    Family("gemma2", ("gemma2",), mlp_out=None),  # post-feedforward norm
-    Family("gemma3", ("gemma3_text",), mlp_out=None),
-    Family("phi3", ("phi3",), lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
-    Family("olmo2", ("olmo2",), mlp_out=None),
-    Family(
-        "gpt_neox",
-        ("gpt_neox",),
-        layers="gpt_neox.layers",
-        final_norm="gpt_neox.final_layer_norm",
-        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-        mlp_out="mlp.dense_4h_to_h",
-    ),
-    Family("gpt2", ("gpt2",), layers="transformer.h", final_norm="transformer.ln_f", lora_targets=("c_attn", "c_proj", "c_fc"),
-           mlp_out="mlp.c_proj"),
-)
-_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
-
-
-def supported_families() -> str:
-    return ", ".join(f.name for f in FAMILIES)
+# Where discovery would answer wrong, a row here says the right answer (none is needed today: every
+# architecture the tests build, Llama to GPT-2, Gemma 3, Phi-3 and MoE stacks, is found as it should be).
+OVERRIDES: tuple[Family, ...] = ()
+_BY_MODEL_TYPE = {model_type: family for family in OVERRIDES for model_type in family.model_types}
+# Architectures whose cut model does not compute what its kept layers computed, although each kept
+# layer is built the same (found by tests/arch_coverage.py, which compares logits): refused with the reason.
+REFUSED = {
+    "dory": "its forward uses the layer count or positions beyond the layers themselves: a cut changes the kept path",
+    "gemma3n_text": "later layers reuse the KV cache of earlier ones by index (num_kv_shared_layers)",
+    "gemma3n": "later layers reuse the KV cache of earlier ones by index (num_kv_shared_layers)",
+    "inkling2_text": "its config derives sizes from the layer count that a cut makes invalid",
+    "inkling2_loop_text": "its config derives sizes from the layer count that a cut makes invalid",
+    "zamba": "its layers share one transformer block, tied by layer index, which a cut cannot keep",
+    "zamba2": "its hybrid layers map to shared blocks by layer index, which a cut cannot keep",
+}
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its discovered Family
+NOT_TEXT = re.compile(r"(^|\.|_)(vision|visual|vit|audio|image|speech|mm_projector|multi_modal)", re.I)  # towers
+_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "ln_out")
+_MLP_OUT = re.compile(r"^(mlp|feed_forward|ffn|ff)\.(down_proj|c_proj|dense_4h_to_h|fc2|fc_out|w2|wo|out_proj)$")
+_NORMED_MLP = re.compile(r"post_(feedforward|ffw|mlp|ffn)|ffn_post|post_ff", re.I)  # a norm after the MLP
 
 
 def family_of(model_or_config) -> Family:
-    """The family of a model (or its config); refuses architectures hubprune cannot cut.
+    """Where a model (or a config's model) keeps its layers; refuses what hubprune cannot cut, saying why.
 
     Example: ``family_of(AutoConfig.from_pretrained("gpt2")).layers == "transformer.h"``
     """
     config = getattr(model_or_config, "config", model_or_config)
-    family = _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
-    if family is None:
-        name = type(model_or_config).__name__ if hasattr(model_or_config, "config") else None
-        name = name or ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
-        raise ValueError(
-            f"unsupported architecture {name} (model_type {getattr(config, 'model_type', None)!r}); "
-            f"hubprune supports these families: {supported_families()}"
-        )
-    return family
+    model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(f"cannot prune model_type {model_type!r}: {REFUSED[model_type]}")
+    family = _BY_MODEL_TYPE.get(model_type)
+    if family is not None:
+        return family
+    if isinstance(model_or_config, nn.Module):
+        if model_or_config not in _FOUND:
+            _FOUND[model_or_config] = discover(model_or_config)
+        return _FOUND[model_or_config]
+    return _discover_config(_config_key(config), type(config))
+
+
+def discover(model: nn.Module) -> Family:
+    """Find the decoder stack of ``model`` (see the module docstring); ValueError says why it cannot."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    name = f"{type(model).__name__} (model_type {model_type!r})"
+    try:
+        n = config.get_text_config().num_hidden_layers
+    except AttributeError:
+        raise ValueError(f"cannot prune {name}: its config has no num_hidden_layers") from None
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and path]
+    text = [(p, m) for p, m in lists if not NOT_TEXT.search(p)]
+    attention = [(p, m) for p, m in text if any(isinstance(getattr(x, "layer_idx", None), int) for x in m[0].modules())]
+    candidates = attention or text
+    if len(candidates) > 1:  # an encoder beside the decoder
+        candidates = [(p, m) for p, m in candidates if "encoder" not in p] or candidates
+    if len(candidates) != 1:
+        found = ", ".join(p for p, _ in lists) or "none"
+        raise ValueError(f"cannot prune {name}: expected one list of its {n} decoder layers, found {found}")
+    layers, stack = candidates[0]
+    parent = layers.rpartition(".")[0]
+    norm = _final_norm(model, parent) or (_final_norm(model, "") if parent else None)
+    if norm is None:
+        raise ValueError(f"cannot prune {name}: no final norm found beside {layers}")
+    return Family(model_type or type(model).__name__, (model_type,), layers=layers, final_norm=norm,
+                  lora_targets=_linear_names(stack, config), mlp_out=_mlp_out(stack[0]))
+
+
+def _final_norm(model: nn.Module, parent: str) -> str | None:
+    owner = get_module(model, parent) if parent else model
+    norms = {name: m for name, m in owner.named_children() if "norm" in type(m).__name__.lower() or name in _NORM_NAMES}
+    named = [n for n in _NORM_NAMES if n in norms]
+    choice = named[0] if named else next(iter(norms)) if len(norms) == 1 else None
+    return None if choice is None else f"{parent}.{choice}".lstrip(".")
+
+
+def _linear_names(stack: nn.ModuleList, config) -> tuple[str, ...]:
+    """Leaf names of the linear layers in the stack (LoRA targets), routers (one output per expert) left out."""
+    experts = {getattr(config.get_text_config(), k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")}
+    names = []
+    for layer in stack:
+        for path, module in layer.named_modules():
+            linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+            out = getattr(module, "out_features", None) or getattr(module, "nf", None)
+            leaf = path.rpartition(".")[2]
+            if linear and out not in experts - {None} and leaf not in names:
+                names.append(leaf)
+    return tuple(names)
+
+
+def _mlp_out(layer: nn.Module) -> str | None:
+    """The dense MLP's output projection when its output goes straight into the residual stream."""
+    if any(_NORMED_MLP.search(path) and "norm" in type(m).__name__.lower() for path, m in layer.named_modules()):
+        return None
+    found = [p for p, m in layer.named_modules() if _MLP_OUT.match(p) and (isinstance(m, nn.Linear)
+                                                                          or type(m).__name__ == "Conv1D")]
+    return found[0] if len(found) == 1 else None
+
+
+def _config_key(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=32)
+def _discover_config(key: str, config_class: type) -> Family:
+    return discover(skeleton(config_class.from_dict(json.loads(key))))
+
+
+def skeleton(config, model_class: type | None = None) -> nn.Module:
+    """The model a config describes, with every weight on the meta device (no memory, no time).
+
+    ``model_class``: the class to build (default: the causal-LM class of the config)."""
+    cls = model_class or causal_lm_class(config)
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def causal_lm_class(config) -> type:
+    """The ``*ForCausalLM`` (or ``*ForConditionalGeneration``) class of a config."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        for name in getattr(config, "architectures", None) or []:
+            if isinstance(getattr(transformers, name, None), type):
+                return getattr(transformers, name)
+    raise ValueError(f"transformers has no causal-LM class for {type(config).__name__} "
+                     f"(model_type {getattr(config, 'model_type', None)!r})")
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from hubprune.card import write_card
 from hubprune.config import PruneConfig, Recipe
-from hubprune.families import family_of
+from hubprune.families import NOT_TEXT, family_of
 from hubprune.io import atomic_output
 from hubprune.record import RECIPE_FILE, PruneRecord
-from hubprune.surgery import _refuse_index_dependent_layers, check_layers, slice_config
+from hubprune.surgery import _refuse_index_dependent_layers, check_kept_layers, check_layers, slice_config, slice_copy
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +83,24 @@ def cut_checkpoint(
         raise FileNotFoundError(f"{source} has no config.json; give a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(source)
     family = family_of(config)
-    num_layers = config.num_hidden_layers
+    num_layers = config.get_text_config().num_hidden_layers
     removed = check_layers(list(layers), num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     _refuse_index_dependent_layers(config, kept)
+    check_kept_layers(config, slice_copy(config, kept, num_layers), kept)
     new_index = {old: new for new, old in enumerate(kept)}
-    pattern = re.compile(rf"^((?:.*\.)?{re.escape(family.layers.rsplit('.', 1)[-1])}\.)(\d+)(\..*)$")
-
     shards = shard_files(source)
+    headers = {shard: read_header(source / shard)[0] for shard in shards}
+    pattern = layer_key_pattern([k for h in headers.values() for k in h if k != "__metadata__"], num_layers, family)
+
     plan = []  # (source shard, [(old name, new name, info)])
     for shard in shards:
-        header, _ = read_header(source / shard)
+        header = headers[shard]
         entries = []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            match = pattern.match(name) if _under(name, family.layers) else None
+            match = pattern.match(name)
             if match and int(match.group(2)) in new_index:
                 entries.append((name, f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}", info))
             elif not match:
@@ -173,18 +175,19 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
     from transformers import AutoConfig
 
     folder = Path(folder)
-    family = family_of(AutoConfig.from_pretrained(folder))
-    pattern = re.compile(rf"^(?:.*\.)?{re.escape(family.layers.rsplit('.', 1)[-1])}\.(\d+)\.")
+    config = AutoConfig.from_pretrained(folder)
+    headers = [read_header(folder / shard)[0] for shard in shard_files(folder)]
+    pattern = layer_key_pattern([k for h in headers for k in h if k != "__metadata__"],
+                                config.get_text_config().num_hidden_layers, family_of(config))
     before = after = 0
-    for shard in shard_files(folder):
-        header, _ = read_header(folder / shard)
+    for header in headers:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             size = math.prod(info["shape"])
             before += size
-            match = pattern.match(name) if _under(name, family.layers) else None
-            after += 0 if match and int(match.group(1)) in set(removed) else size
+            match = pattern.match(name)
+            after += 0 if match and int(match.group(2)) in set(removed) else size
     return before, after
 
 
@@ -201,7 +204,22 @@ def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int
     ).save(folder)
 
 
-def _under(name: str, layers_path: str) -> bool:
-    # "model.layers.3.x" under "model.layers"; also checkpoints saved without the base prefix ("h.3.x").
-    last = layers_path.rsplit(".", 1)[-1]
-    return name.startswith(layers_path + ".") or name.startswith(last + ".")
+def layer_key_pattern(keys: list[str], num_layers: int, family) -> re.Pattern:
+    """The regex (prefix, layer number, rest) of a checkpoint's decoder-layer tensor names.
+
+    Found from the names themselves, since a checkpoint may name them unlike the modules
+    (``transformer.h.3.attn`` for ``model.layers.3.self_attn``): the prefix followed by exactly
+    the layer numbers 0..num_layers-1, outside any vision or audio tower."""
+    numbers: dict[str, set[int]] = {}
+    for key in keys:
+        for match in re.finditer(r"\.(\d+)\.", "." + key):
+            prefix = key[: match.start() - 1] if match.start() else ""
+            numbers.setdefault(prefix, set()).add(int(match.group(1)))
+    found = [p for p, n in numbers.items() if n == set(range(num_layers)) and not NOT_TEXT.search(p)]
+    if len(found) > 1:
+        last = family.layers.rsplit(".", 1)[-1]
+        found = [p for p in found if p.rsplit(".", 1)[-1] == last] or found
+    if len(found) != 1:
+        raise ValueError(f"cannot tell which tensors of the checkpoint belong to its {num_layers} decoder layers "
+                         f"(candidates: {', '.join(found) or 'none'}); prune it in memory instead (hubprune prune)")
+    return re.compile(rf"^({re.escape(found[0])}\.)(\d+)(\..*)$" if found[0] else r"^()(\d+)(\..*)$")

@@ -11,19 +11,21 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import re
 from collections.abc import Sequence
 
 from torch import nn
 
-from hubprune.families import decoder_layers, family_of, set_module
+from hubprune.families import decoder_layers, family_of, set_module, skeleton
 
 logger = logging.getLogger(__name__)
 
 # Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
 # rather than one value per layer (sliced).
-_INDEX_LIST_KEYS = ("mlp_only_layers",)
-_COUNT_KEYS = ("max_window_layers",)
+_INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
+_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
 _NOT_PER_LAYER = ("architectures",)
+_PATTERN_HINT = re.compile(r"layer|step|freq|pattern|interval|period|every|sparse", re.I)
 
 
 def check_layers(layers: Sequence[int], num_layers: int) -> list[int]:
@@ -61,6 +63,8 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     kept = [i for i in range(num_layers) if i not in set(removed)]
     _refuse_index_dependent_layers(model.config, kept)
 
+    check_kept_layers(model.config, slice_copy(model.config, kept, num_layers), kept, type(model))
+
     pruned = copy_sharing_weights(model)
     old = decoder_layers(pruned)
     new = nn.ModuleList([old[i] for i in kept])
@@ -75,9 +79,27 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
 
 
 def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
-    """Make ``config`` describe only the ``kept`` layers (0-based, ascending); the keys changed."""
+    """Make ``config`` describe only the ``kept`` layers (0-based, ascending); the keys changed.
+
+    Per-layer lists are sliced, layer-index lists renumbered, layer counts recounted; a periodic
+    MoE step (``decoder_sparse_step``) becomes the explicit list of dense layers. A text config
+    inside a multimodal config is sliced in place."""
+    text = config.get_text_config()
+    if text is not config:
+        changed = slice_config(text, kept, num_layers)
+        if getattr(config, "num_hidden_layers", None) == num_layers:
+            config.num_hidden_layers = len(kept)
+        return changed
     changed = []
+    step = getattr(config, "decoder_sparse_step", None)
+    if isinstance(step, int) and step > 1 and isinstance(getattr(config, "mlp_only_layers", None), list):
+        dense = set(config.mlp_only_layers)
+        config.mlp_only_layers = [j for j, i in enumerate(kept) if (i + 1) % step != 0 or i in dense]
+        config.decoder_sparse_step = 1
+        changed += ["decoder_sparse_step", "mlp_only_layers"]
     for key, value in list(vars(config).items()):
+        if key in changed:
+            continue
         if key in _INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
             new = [kept.index(i) for i in value if i in kept]
         elif key in _COUNT_KEYS and isinstance(value, int):
@@ -90,6 +112,48 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         changed.append(key)
     config.num_hidden_layers = len(kept)
     return ["num_hidden_layers", *changed]
+
+
+def slice_copy(config, kept: Sequence[int], num_layers: int):
+    """A copy of ``config`` sliced to the ``kept`` layers (``config`` itself is untouched)."""
+    config = copy.deepcopy(config)
+    slice_config(config, kept, num_layers)
+    return config
+
+
+def check_kept_layers(config, new_config, kept: Sequence[int], model_class: type | None = None) -> None:
+    """Refuse a cut whose sliced config builds different layers than the ones kept (a periodic
+    per-layer setting the kept layers no longer follow, say): compared on meta-device skeletons,
+    module by module (classes, weight shapes, scalar settings). Refuse a cut that removes every
+    layer of one kind (``layer_types``): transformers cannot build its cache."""
+    types = list(getattr(config.get_text_config(), "layer_types", None) or [])
+    for kind in dict.fromkeys(types):
+        if all(types[i] != kind for i in kept):
+            where = [i for i, t in enumerate(types) if t == kind]
+            raise ValueError(f"this cut removes every {kind!r} layer ({', '.join(map(str, where))}); "
+                             "keep at least one of them")
+    before, after = skeleton(config, model_class), skeleton(new_config, model_class)
+    old, new = decoder_layers(before), decoder_layers(after)
+    for j, i in enumerate(kept):
+        a, b = _signature(old[i]), _signature(new[j])
+        if a != b:
+            diff = next(f"{x[0] or 'the layer'}: {x[1:]} != {y[1:]}" for x, y in zip(a, b) if x != y) \
+                if len(a) == len(b) else f"{len(a)} modules != {len(b)}"
+            hints = sorted(k for k, v in vars(config.get_text_config()).items()
+                           if _PATTERN_HINT.search(k) and isinstance(v, (int, list, str)) and not isinstance(v, bool))
+            raise ValueError(f"hubprune cannot keep layer {i} as layer {j}: the pruned config would build it "
+                             f"differently ({diff}). A per-layer setting of this architecture does not follow the cut; "
+                             f"fields that may hold it: {', '.join(hints) or 'none found'}")
+
+
+def _signature(layer: nn.Module) -> list[tuple]:
+    rows = []
+    for path, module in layer.named_modules():
+        shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
+        settings = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_")
+                                and k not in ("layer_idx", "training") and isinstance(v, (int, float, bool, str))))
+        rows.append((path, type(module).__name__, shapes, settings))
+    return rows
 
 
 def _refuse_index_dependent_layers(config, kept: list[int]) -> None:

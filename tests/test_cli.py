@@ -130,11 +130,12 @@ def test_bad_models(tiny_model_dir, tmp_path, capsys):
     (vision / "model.safetensors").write_bytes(b"")
     _assert_clean_failure(capsys, _prune(vision, out, "--drop", "1"), out, "not a causal language model")
 
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import RwkvConfig, RwkvForCausalLM
 
-    bloom = tmp_path / "bloom"
-    BloomForCausalLM(BloomConfig(hidden_size=16, n_head=2, n_layer=2, vocab_size=300)).save_pretrained(bloom)
-    _assert_clean_failure(capsys, _prune(bloom, out, "--drop", "1"), out, "unsupported architecture BloomForCausalLM")
+    rwkv = tmp_path / "rwkv"  # each block keeps its layer_id, which its forward uses: no layer can move
+    RwkvForCausalLM(RwkvConfig(hidden_size=16, attention_hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                               vocab_size=300, context_length=64)).save_pretrained(rwkv)
+    _assert_clean_failure(capsys, _prune(rwkv, out, "--layers", "1"), out, "cannot keep layer 2 as layer 1")
 
 
 def test_empty_calibration_and_output_over_source(tiny_model_dir, tmp_path, capsys):

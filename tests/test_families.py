@@ -1,4 +1,4 @@
-"""``drop_layers`` on a tiny random model of every family in ``FAMILIES``.
+"""``drop_layers`` on tiny random models of ten families (tests/test_arch_coverage.py covers every other type).
 
 Each model is built from a config (hidden 32, 4 heads, 2 KV heads where the family has
 them, 6 layers, vocab 128) with seeded random weights; nothing comes from the Hub. The
@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers as tf
 
-from hubprune.families import FAMILIES, decoder_layers, supported_families
+from hubprune.families import decoder_layers, family_of
 from hubprune.surgery import drop_layers
 
 NUM_LAYERS = 6
@@ -39,16 +39,13 @@ CONFIGS = {
                                          num_hidden_layers=NUM_LAYERS, vocab_size=128, max_position_embeddings=128),
     "gpt2": lambda: tf.GPT2Config(n_embd=32, n_head=4, n_layer=NUM_LAYERS, vocab_size=128, n_positions=128),
 }
-FAMILY_NAMES = [f.name for f in FAMILIES]
+FAMILY_NAMES = list(CONFIGS)
 SLIDING_FAMILIES = ["qwen2", "gemma2", "gemma3"]  # the ones whose config has a per-layer list that matters
 DROPS = pytest.mark.parametrize("drop", [[1, 2], [0, 3, 5]], ids=["block", "scattered"])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def test_every_family_has_a_tiny_config():
-    assert sorted(CONFIGS) == sorted(FAMILY_NAMES)
 
 
 def build(family: str, **overrides):
@@ -176,15 +173,31 @@ def test_per_layer_config_is_sliced(family, drop, tmp_path):
     tf.FalconConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=NUM_LAYERS, vocab_size=128),
     tf.BloomConfig(hidden_size=32, n_head=4, n_layer=NUM_LAYERS, vocab_size=128),
 ], ids=lambda c: c.model_type)
-def test_unsupported_architecture_is_refused(config):
+def test_architectures_not_listed_are_found_in_the_module_tree(config, tmp_path):
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError) as error:
-        drop_layers(model, [1, 2])
-    message = str(error.value)
-    assert type(model).__name__ in message
-    assert supported_families() in message
-    assert all(name in message for name in FAMILY_NAMES)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    family = family_of(model)
+    assert family.layers.endswith(".h") and family.final_norm.endswith("ln_f")
+    assert family == family_of(config)  # found from the config alone (a meta-device skeleton) too
+    pruned = drop_layers(model, [1, 2])
+    assert layer_indices(pruned) == [[i] * len(layer_indices(model)[0]) for i in range(NUM_LAYERS - 2)]
+    assert torch.equal(greedy(pruned, use_cache=True), greedy(pruned, use_cache=False))
+    pruned.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()), logits(pruned))
+
+
+def test_a_periodic_moe_step_becomes_an_explicit_list_of_dense_layers():
+    torch.manual_seed(0)
+    config = tf.Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                               shared_expert_intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+                               num_hidden_layers=NUM_LAYERS, num_experts=4, num_experts_per_tok=2, vocab_size=128,
+                               decoder_sparse_step=2, mlp_only_layers=[])  # odd layers (1, 3, 5) are MoE
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    pruned = drop_layers(model, [1, 2])  # kept 0 3 4 5: dense, MoE, dense, MoE
+    assert pruned.config.decoder_sparse_step == 1 and pruned.config.mlp_only_layers == [0, 2]
+    kinds = [type(layer.mlp).__name__ for layer in decoder_layers(pruned)]
+    assert kinds == [type(decoder_layers(model)[i].mlp).__name__ for i in (0, 3, 4, 5)]
+    assert torch.equal(greedy(pruned, use_cache=True), greedy(pruned, use_cache=False))
 
 
 def test_gpt2_scaled_by_layer_index_only_drops_a_suffix(tmp_path):
