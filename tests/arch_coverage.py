@@ -176,9 +176,29 @@ def check(model_type: str, folder: Path) -> Outcome:
             model.save_pretrained(folder / "original")
             cut_checkpoint(folder / "original", folder / "cut", drop, progress=False)
             _same(AutoModelForCausalLM.from_pretrained(folder / "cut").eval()(input_ids=ids, use_cache=False).logits, got)
+            stage = "untouched tensors"
+            _outside_layers_unchanged(folder / "original", folder / "cut", model.config)
     except Exception as err:
         return Outcome(model_type, "failed", f"{stage}: {_line(err)}")
     return Outcome(model_type, "pruned", f"{type(model).__name__}, {size / 1e6:.1f}M parameters")
+
+
+def _outside_layers_unchanged(source: Path, cut: Path, config) -> None:
+    """Every tensor outside the decoder layers (embeddings, vision and audio towers, ...) is copied byte for byte."""
+    from safetensors.torch import load_file
+
+    from hubprune.families import family_of
+    from hubprune.filesurgery import layer_key_pattern
+
+    def tensors(folder: Path) -> dict:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    before, after = tensors(source), tensors(cut)
+    pattern = layer_key_pattern(list(before), config.get_text_config().num_hidden_layers, family_of(config))
+    outside = [k for k in before if not pattern.match(k)]
+    changed = [k for k in outside if k not in after or not torch.equal(before[k], after[k])]
+    if changed:
+        raise AssertionError(f"{len(changed)} tensors outside the layers changed or went missing: {changed[:3]}")
 
 
 def _skipping(model, layers, skip: list[int], ids: torch.Tensor) -> torch.Tensor:

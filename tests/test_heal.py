@@ -187,3 +187,26 @@ def test_resume_files_are_safetensors_and_json_and_a_planted_pickle_is_never_loa
     (tmp_path / CHECKPOINT_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="cannot be read"):
         pruned.heal(config, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_a_moe_stack_is_cut_and_healed_on_attention_and_shared_experts(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=6, num_experts=4, num_experts_per_tok=2, vocab_size=len(tokenizer),
+                            bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    pruned = LayerPruner.from_pretrained(tmp_path / "moe", device="cpu").prune(layers=[2, 3])
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert pruned.record.parameters_before == total  # the experts are counted
+    before = _state(pruned.model)
+    healed = pruned.heal(HealConfig(**FAST), progress=False)
+    changed = [k for k, v in _state(healed.model).items() if not torch.equal(v, before[k])]
+    assert any("self_attn" in k for k in changed) and any("shared_expert." in k for k in changed)
+    assert not any(k.endswith("mlp.gate.weight") for k in changed), "the router was trained"
+    out = healed.save_pretrained(tmp_path / "healed")
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, healed.model(ids).logits)

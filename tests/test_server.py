@@ -350,3 +350,41 @@ def test_a_sigkilled_server_leaves_no_vllm_process_behind(tiny_dirs, tmp_path):
     server.process.wait(10)
     gone, alive = psutil.wait_procs(engines, timeout=30)
     assert not alive, f"vLLM processes left after the server was SIGKILLed: {[p.cmdline()[:3] for p in alive]}"
+
+
+@pytest.mark.vllm
+def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_path):
+    """What hubprune writes loads in vLLM: pruned Qwen3 and Mistral stacks (found, not listed), same greedy tokens."""
+    require_vllm()
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
+
+    from hubprune.surgery import drop_layers
+
+    tokenizer = tiny_tokenizer()
+    sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 num_hidden_layers=6, vocab_size=300, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                 initializer_range=0.2)
+    folders, prompt = {}, "Once upon a time"
+    for name, config in (("qwen3", Qwen3Config(**sizes)), ("mistral", MistralConfig(**sizes))):
+        torch.manual_seed(0)
+        pruned = drop_layers(AutoModelForCausalLM.from_config(config).eval(), [2, 3])
+        folders[name] = tmp_path / name
+        pruned.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    server = ServeProcess([f"{n}={p}" for n, p in folders.items()] + ["--engine", "vllm", "--max-model-len", "128",
+                                                                      "--log-dir", str(tmp_path / "logs")],
+                          log_path=tmp_path / "serve.log").start(timeout=300)
+    try:
+        for name, folder in folders.items():
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                      do_sample=False, pad_token_id=2)[0, ids.shape[1]:].tolist()
+            answer = httpx.post(server.url + "/v1/completions", timeout=120, json={
+                "model": name, "prompt": ids[0].tolist(), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                "return_tokens_as_token_ids": True, "logprobs": 1}).json()
+            got = [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
+            assert got == expected, (name, got, expected)
+    finally:
+        server.stop()
