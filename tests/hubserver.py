@@ -38,6 +38,8 @@ from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import yaml
+
 TOKENS = {"hf_alice_token": "alice", "hf_bob_token": "bob"}
 ORGS = {"hubprune-org": {"alice"}}
 TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -147,197 +149,21 @@ class Repo:
         return out
 
 
-# ---------------------------------------------------------------- YAML front matter (a subset)
+# ---------------------------------------------------------------- YAML front matter (PyYAML)
 
 _FRONT_MATTER = re.compile(r"^\s*---\r?\n([\s\S]*?)\r?\n---[ \t]*(?:\r?\n|$)")
-_KEY = re.compile(r"""^("(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s"'\[{#][^:]*?)[ \t]*:(?:[ \t]+(.*))?$""")
-_BOOLS = {form: value for word, value in {"true": True, "yes": True, "on": True, "false": False, "no": False,
-                                         "off": False}.items() for form in (word, word.title(), word.upper())}
-_ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "\t": "\t", "n": "\n", "v": "\v", "f": "\f", "r": "\r",
-            "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\", "N": "\x85", "_": "\xa0", "L": "\u2028",
-            "P": "\u2029"}
-
-
 def card_data(readme: bytes) -> dict | None:
     """The YAML front matter of a README as a dict (None without one); ValueError if it is malformed."""
     match = _FRONT_MATTER.match(readme.decode("utf-8-sig"))
     if match is None:
         return None
-    data = parse_yaml(match.group(1))
+    try:
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as err:
+        raise ValueError(f"invalid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
         raise ValueError("the metadata must be a YAML mapping")
     return data
-
-
-def parse_yaml(text: str):
-    """Parse block-style YAML as PyYAML's dump writes it: mappings, lists, (folded, quoted) scalars, flow lists.
-
-    Lines are (indent, text) pairs; blank and comment lines stay in the list as trivia, because a folded
-    scalar turns blank lines into newlines and a quoted one may contain a '#'.
-    """
-    lines = []
-    for raw in text.splitlines():
-        if "\t" in raw[: len(raw) - len(raw.lstrip())] and raw.strip():
-            raise ValueError("tabs are not allowed in YAML indentation")
-        lines.append((len(raw) - len(raw.lstrip(" ")), raw.strip()))
-    i = _skip(lines, 0)
-    if i == len(lines):
-        return None
-    value, i = _yaml_block(lines, i, lines[i][0])
-    if _skip(lines, i) != len(lines):
-        raise ValueError(f"cannot parse YAML line {lines[_skip(lines, i)][1]!r}")
-    return value
-
-
-def _skip(lines, i) -> int:
-    """The index of the next line that is neither blank nor a comment."""
-    while i < len(lines) and (not lines[i][1] or lines[i][1].startswith("#")):
-        i += 1
-    return i
-
-
-def _is_item(text: str) -> bool:
-    return text == "-" or text.startswith("- ")
-
-
-def _yaml_block(lines, i, indent):
-    return (_yaml_sequence if _is_item(lines[i][1]) else _yaml_mapping)(lines, i, indent)
-
-
-def _yaml_nested(lines, i, indent, allow_items: bool):
-    """The value that starts on a following line (a deeper block), or None."""
-    i = _skip(lines, i)
-    if i < len(lines) and (lines[i][0] > indent or (allow_items and lines[i][0] == indent and _is_item(lines[i][1]))):
-        return _yaml_block(lines, i, lines[i][0])
-    return None, i
-
-
-def _yaml_mapping(lines, i, indent):
-    result = {}
-    while (i := _skip(lines, i)) < len(lines) and lines[i][0] == indent and not _is_item(lines[i][1]):
-        match = _KEY.match(lines[i][1])
-        if match is None:
-            raise ValueError(f"expected 'key: value', got {lines[i][1]!r}")
-        key, rest = match.group(1), (match.group(2) or "").strip()
-        key = _yaml_scalar(key) if key[0] in "\"'" else key
-        if not rest or rest.startswith("#"):
-            result[key], i = _yaml_nested(lines, i + 1, indent, allow_items=True)
-        elif rest[0] in "|>":
-            result[key], i = _yaml_block_scalar(lines, i + 1, indent, rest)
-        else:
-            result[key], i = _yaml_scalar_lines(lines, i + 1, indent, rest)
-    return result, i
-
-
-def _yaml_sequence(lines, i, indent):
-    items = []
-    while (i := _skip(lines, i)) < len(lines) and lines[i][0] == indent and _is_item(lines[i][1]):
-        rest = lines[i][1][1:].lstrip(" ")
-        if not rest:
-            value, i = _yaml_nested(lines, i + 1, indent, allow_items=False)
-        elif _is_item(rest) or _KEY.match(rest):  # "- key: value" opens a mapping inside the item
-            offset = indent + len(lines[i][1]) - len(rest)
-            lines[i] = (offset, rest)
-            value, i = _yaml_block(lines, i, offset)
-        else:
-            value, i = _yaml_scalar_lines(lines, i + 1, indent, rest)
-        items.append(value)
-    return items, i
-
-
-def _yaml_scalar_lines(lines, i, indent, text):
-    """A scalar with its continuation lines, folded: a line break is a space, each blank line a newline."""
-    quoted, blanks = text[0] in "\"'", 0
-    while i < len(lines):
-        line_indent, line = lines[i]
-        if not line:
-            blanks += 1
-        elif line_indent <= indent or (line.startswith("#") and not quoted):
-            break
-        else:
-            if text[0] == '"' and (len(text) - len(text.rstrip("\\"))) % 2:
-                text = text[:-1] + "\n" * blanks + line  # an escaped line break: no space
-            else:
-                text += "\n" * blanks + line if blanks else " " + line
-            blanks = 0
-        i += 1
-    return _yaml_scalar(text), i
-
-
-def _yaml_block_scalar(lines, i, indent, style):
-    """A literal (|) or folded (>) block scalar; '-' strips the final newline."""
-    body, base = [], None
-    while i < len(lines) and (not lines[i][1] or lines[i][0] > indent):
-        if lines[i][1]:
-            base = lines[i][0] if base is None else base
-        body.append(" " * (lines[i][0] - (base or 0)) + lines[i][1] if lines[i][1] else "")
-        i += 1
-    while body and not body[-1]:
-        body.pop()
-    text = "\n".join(body) if style[0] == "|" else re.sub(r"(?<!\n)\n(?!\n)", " ", "\n".join(body))
-    return (text if style.endswith("-") else text + "\n"), i
-
-
-def _yaml_scalar(text: str):
-    text = text.strip()
-    if text.startswith('"'):
-        if len(text) < 2 or not text.endswith('"'):
-            raise ValueError(f"unterminated string {text!r}")
-        return re.sub(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)', _unescape, text[1:-1])
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'"):
-            raise ValueError(f"unterminated string {text!r}")
-        return text[1:-1].replace("''", "'")
-    if text.startswith("[") or text.startswith("{"):
-        if text[-1] != {"[": "]", "{": "}"}[text[0]]:
-            raise ValueError(f"unterminated flow collection {text!r}")
-        parts = [p for p in _split_flow(text[1:-1]) if p.strip()]
-        if text[0] == "[":
-            return [_yaml_scalar(p) for p in parts]
-        pairs = [re.split(r":\s+|:$", p.strip(), maxsplit=1) + [""] for p in parts]
-        return {_yaml_scalar(k): _yaml_scalar(v) for k, v, *_ in pairs}
-    text = re.sub(r"\s+#.*$", "", text)
-    if text in ("", "~", "null", "Null", "NULL"):
-        return None
-    if text in _BOOLS:
-        return _BOOLS[text]
-    if re.fullmatch(r"[-+]?(0|[1-9][0-9_]*)", text):
-        return int(text.replace("_", ""))
-    if re.fullmatch(r"[-+]?([0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)([eE][-+][0-9]+)?", text):
-        return float(text.replace("_", ""))
-    if text.lower() in (".inf", "+.inf", "-.inf", ".nan"):
-        return float(text.lower().replace(".", ""))
-    return text
-
-
-def _unescape(match: re.Match) -> str:
-    code = match.group(1)
-    if code[0] in "xuU" and len(code) > 1:
-        return chr(int(code[1:], 16))
-    if code not in _ESCAPES:
-        raise ValueError(f"unknown escape \\{code}")
-    return _ESCAPES[code]
-
-
-def _split_flow(text: str) -> list[str]:
-    """Split a flow collection's inside on the commas that are not nested or quoted."""
-    parts, depth, quote, start = [], 0, None, 0
-    for pos, char in enumerate(text):
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-        elif char == "," and depth == 0:
-            parts.append(text[start:pos])
-            start = pos + 1
-    return parts + [text[start:]]
-
-
-# ---------------------------------------------------------------- the server
 
 
 @dataclass

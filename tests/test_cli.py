@@ -204,3 +204,13 @@ def test_a_run_removes_the_temporary_folders_a_killed_run_left(tiny_model_dir, t
     user.mkdir()
     assert _prune(tiny_model_dir, tmp_path / "o", "--drop", "1") == 0
     assert not dead.exists() and alive.is_dir() and user.is_dir()
+
+
+def test_python_dash_m_hubprune_is_the_cli():
+    import subprocess
+    import sys
+
+    from hubprune import __version__
+
+    out = subprocess.run([sys.executable, "-m", "hubprune", "--version"], capture_output=True, text=True, check=True)
+    assert __version__ in out.stdout
