@@ -375,3 +375,14 @@ def _prune_none(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _prune_none(v) for k, v in value.items() if v is not None}
     return value
+
+
+def replayable(source: Any, config: CalibrationConfig, windows=None) -> CalibrationConfig:
+    """The text source of a scan or heal as a recipe can replay it: files by path, in-memory text
+    kept (only the documents ``windows`` used, when given)."""
+    if source is None or isinstance(source, CalibrationConfig):
+        return source or config
+    if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], Path)):
+        files = [str(source)] if isinstance(source, (str, Path)) else [str(p) for p in source]
+        return dataclasses.replace(config, files=files)
+    return dataclasses.replace(config, texts=list(windows.texts) if windows is not None else list(source))

@@ -428,10 +428,10 @@ def _is_4bit(model: nn.Module) -> bool:
 
 def _quantized_copy(model: nn.Module) -> nn.Module:
     # QLoRA: the (pruned) weights in 4-bit NF4 with bf16 compute, ready for k-bit training. A model
-    # already loaded in 4-bit (hubprune.qlora.load_4bit) is used as it is; otherwise it is reloaded.
+    # already loaded in 4-bit (hubprune.fourbit.load_4bit) is used as it is; otherwise it is reloaded.
     from peft import prepare_model_for_kbit_training
 
-    from hubprune.qlora import load_4bit
+    from hubprune.fourbit import load_4bit
 
     if not _is_4bit(model):
         with tempfile.TemporaryDirectory() as tmp:

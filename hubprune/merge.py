@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hubprune.filesurgery import _CHUNK, INDEX_FILE, copy_range, read_header, shard_files
+from hubprune.filesurgery import _CHUNK, copy_range, read_header, shard_files
 from hubprune.io import atomic_output
 from hubprune.record import RECORD_FILE, PruneRecord
 

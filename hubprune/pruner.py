@@ -15,7 +15,7 @@ import torch
 
 from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.card import write_card
-from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe
+from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe, replayable
 from hubprune.families import decoder_layers
 from hubprune.io import atomic_output
 from hubprune.loading import (DEFAULT_MODEL, ModelOrigin, load_located, load_model, local_folder, locate, num_layers_of,
@@ -136,7 +136,7 @@ class LayerPruner:
         for n in loss_block_sizes:
             result.perplexity[n] = loss_scan(self.model, windows, n, batch_size=config.batch_size, progress=progress)
         self.scan_result, self._windows = result, windows
-        self.calibration = _replayable(calibration, config, windows)
+        self.calibration = replayable(calibration, config, windows)
         return result
 
     def prune(
@@ -267,7 +267,7 @@ class PrunedModel:
         healed.record = replace(self.record, healing=report.to_dict(),
                                 parameters_after=count_parameters(model))
         if self.recipe is not None:
-            healed.recipe = replace(self.recipe, heal=replace(config, data=_replayable(data, config.data, None)))
+            healed.recipe = replace(self.recipe, heal=replace(config, data=replayable(data, config.data, None)))
         return healed
 
     def save_pretrained(self, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
@@ -379,13 +379,3 @@ def _checkpoint_dir(output: str | None) -> Path | None:
 def count_parameters(model) -> int:
     """Distinct parameters (tied embeddings once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def _replayable(source: Any, config: CalibrationConfig, windows: TokenWindows | None) -> CalibrationConfig:
-    # The text source as a recipe can replay it: in-memory text is kept (only the documents used).
-    if source is None or isinstance(source, CalibrationConfig):
-        return source or config
-    if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], Path)):
-        files = [str(source)] if isinstance(source, (str, Path)) else [str(p) for p in source]
-        return replace(config, files=files)
-    return replace(config, texts=list(windows.texts) if windows is not None else list(source))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hubprune.config import HealConfig
+from hubprune.fourbit import load_4bit
 from hubprune.heal import HealReport, _require_qlora, heal_model
 from hubprune.io import check_output
 from hubprune.record import RECIPE_FILE, RECORD_FILE, PruneRecord
@@ -82,12 +83,11 @@ def heal_checkpoint(
             return Path(out), report
 
         def finish(tmp: Path) -> None:
-            from hubprune.config import Recipe
-            from hubprune.pruner import _replayable
+            from hubprune.config import Recipe, replayable
 
             if (folder / RECIPE_FILE).is_file():
                 recipe = Recipe.load(folder / RECIPE_FILE)
-                heal = replace(config, data=_replayable(data, config.data, None))
+                heal = replace(config, data=replayable(data, config.data, None))
                 replace(recipe, heal=heal, output=str(out), overwrite=False).save(tmp / RECIPE_FILE)
             if config.keep_adapter:
                 shutil.copytree(adapter, tmp / "adapter")
@@ -95,23 +95,6 @@ def heal_checkpoint(
         merge_adapter_into_checkpoint(folder, adapter, out, healing=report.to_dict(), overwrite=overwrite,
                                       progress=progress, finish=finish)
     return Path(out), report
-
-
-def load_4bit(source: str | os.PathLike, device: torch.device, *, revision: str | None = None) -> nn.Module:
-    """Load a checkpoint (folder or Hub id) straight into 4-bit NF4 on ``device``: bf16 compute, double quant.
-
-    Each tensor is quantized as it is read; the full-precision model never exists.
-
-    Example: ``model = load_4bit("llama-70b-44l", torch.device("cuda", 0))``
-    """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-    target = device.index if device.type == "cuda" and device.index is not None else str(device)
-    logger.info("loading %s in 4-bit NF4 on %s", source, device)
-    return AutoModelForCausalLM.from_pretrained(os.fspath(source), quantization_config=quantization,
-                                                device_map={"": target}, revision=revision)
 
 
 def _load_teacher(record: PruneRecord, device: torch.device) -> nn.Module:

@@ -22,9 +22,7 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

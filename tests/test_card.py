@@ -34,7 +34,7 @@ def test_card_matches_the_record_of_real_smollm2(smollm2_folder):
     assert f"Removed: `{record.removed_layers}`" in text
     marks = re.search(r"^layer  ([.x]+)$", text, re.M).group(1)
     assert [i for i, m in enumerate(marks) if m == "x"] == record.removed_layers and len(marks) == 30
-    assert f"with 6 of its 30 decoder layers removed" in text
+    assert "with 6 of its 30 decoder layers removed" in text
     assert f"{record.parameters_before / 1e6:.1f}M" in text and f"{record.parameters_after / 1e6:.1f}M" in text
     assert "| parameters | 134.5M | 113.3M | -15.8% |" in text
     assert "![" in text and "(hubprune_scan.png)" in text

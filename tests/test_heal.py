@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_llama
 from hubprune import LayerPruner
 from hubprune.config import HealConfig
 from hubprune.heal import CHECKPOINT_FILE
