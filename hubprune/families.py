@@ -29,7 +29,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     layers: str = "model.layers"
-    final_norm: str = "model.norm"
+    final_norm: str | None = "model.norm"  # None: a post-norm stack with no final norm
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # The layer's MLP output projection, where its output is added straight to the residual
     # stream (None where the family normalises it first): what hubprune.refit refits.
@@ -98,8 +98,6 @@ def discover(model: nn.Module) -> Family:
     layers, stack = candidates[0]
     parent = layers.rpartition(".")[0]
     norm = _final_norm(model, parent) or (_final_norm(model, "") if parent else None)
-    if norm is None:
-        raise ValueError(f"cannot prune {name}: no final norm found beside {layers}")
     return Family(model_type or type(model).__name__, (model_type,), layers=layers, final_norm=norm,
                   lora_targets=_linear_names(stack, config), mlp_out=_mlp_out(stack[0]))
 
@@ -185,6 +183,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_module(model, family_of(model).layers)
 
 
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm after the last layer; its input is the last layer's pre-norm output."""
-    return get_module(model, family_of(model).final_norm)
+def final_hidden_hook(model: nn.Module, fn):
+    """Call ``fn(hidden)`` with the residual stream after the last layer on each forward: the final
+    norm's input, or the last layer's output in a stack without a final norm. Returns the hook handle
+    (``fn`` may raise to stop the forward there)."""
+    norm = family_of(model).final_norm
+    if norm is not None:
+        return get_module(model, norm).register_forward_pre_hook(
+            lambda module, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    return decoder_layers(model)[-1].register_forward_hook(
+        lambda module, args, output: fn(output[0] if isinstance(output, (tuple, list)) else output))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hubprune.families import decoder_layers, family_of, final_norm, get_module
+from hubprune.families import decoder_layers, family_of, final_hidden_hook, get_module
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +118,11 @@ def refit_gaps(model: nn.Module, original: nn.Module, removed: list[int], window
     return report
 
 
-def _run_until(model: nn.Module, hook_module: nn.Module, hook, windows: torch.Tensor, batch_size: int,
-               bar, pre: bool) -> None:
-    """Run the decoder stack on every batch, stopping each pass in ``hook`` (which raises _Stop)."""
+def _run_until(model: nn.Module, attach, windows: torch.Tensor, batch_size: int, bar) -> None:
+    """Run the decoder stack on every batch, stopping each pass in the hook that ``attach()`` registers
+    (which raises _Stop)."""
     device = next(model.parameters()).device
-    handle = (hook_module.register_forward_pre_hook(hook, with_kwargs=True) if pre
-              else hook_module.register_forward_hook(hook))
+    handle = attach()
     try:
         for start in range(0, len(windows), batch_size):
             try:
@@ -136,17 +135,20 @@ def _run_until(model: nn.Module, hook_module: nn.Module, hook, windows: torch.Te
 
 
 def _states_entering(original: nn.Module, index: int, windows: torch.Tensor, batch_size: int, bar) -> torch.Tensor:
-    # The original's residual stream entering layer `index` (the final norm's input past the last layer).
+    # The original's residual stream entering layer `index` (past the last layer: final_hidden_hook's).
     layers = decoder_layers(original)
-    module = layers[index] if index < len(layers) else final_norm(original)
     captured: list[torch.Tensor] = []
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def keep(hidden: torch.Tensor) -> None:
         captured.append(hidden.flatten(0, 1).float().cpu())
         raise _Stop
 
-    _run_until(original, module, hook, windows, batch_size, bar, pre=True)
+    if index < len(layers):
+        attach = lambda: layers[index].register_forward_pre_hook(  # noqa: E731
+            lambda module, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    else:
+        attach = lambda: final_hidden_hook(original, keep)  # noqa: E731
+    _run_until(original, attach, windows, batch_size, bar)
     return torch.cat(captured)
 
 
@@ -176,7 +178,7 @@ def _fit_statistics(model: nn.Module, layer_index: int, targets: torch.Tensor, w
 
     inner = projection.register_forward_hook(capture_projection)
     try:
-        _run_until(model, layer, at_layer_output, windows, batch_size, bar, pre=False)
+        _run_until(model, lambda: layer.register_forward_hook(at_layer_output), windows, batch_size, bar)
     finally:
         inner.remove()
     return sums["AtA"], sums["AtR"], float(sums["norm"])

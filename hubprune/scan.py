@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, final_norm
+from hubprune.families import decoder_layers, final_hidden_hook
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: b
 
     Example: ``scan_model(model, calibration_windows(tokenizer)).choose(4)``
     """
-    layers, norm = decoder_layers(model), final_norm(model)
+    layers = decoder_layers(model)
     L = len(layers)
     device = next(model.parameters()).device
     states: list[torch.Tensor | None] = [None] * (L + 1)
@@ -232,7 +232,7 @@ def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: b
         return hook
 
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(norm.register_forward_pre_hook(capture(L), with_kwargs=True))
+    handles.append(final_hidden_hook(model, lambda hidden: states.__setitem__(L, hidden)))
     stats = PairStats(L)
     started = time.perf_counter()
     try:

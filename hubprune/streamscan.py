@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, family_of, final_norm
+from hubprune.families import decoder_layers, family_of, final_hidden_hook
 from hubprune.filesurgery import read_header, shard_files
 from hubprune.scan import PairStats, ScanResult
 
@@ -107,9 +107,7 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
         for i, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(after(i)))
-        handles.append(final_norm(model).register_forward_pre_hook(
-            lambda module, args, kwargs: _save_state(paths[L], args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True))
+        handles.append(final_hidden_hook(model, lambda hidden: _save_state(paths[L], hidden)))
         try:
             model.base_model(input_ids=windows.ids.to(device), use_cache=False)  # every window, one batch
         finally:

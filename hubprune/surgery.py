@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
 # rather than one value per layer (sliced).
 _INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
+LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id")  # renumbered to the kept layer's new position
 _COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
 _NOT_PER_LAYER = ("architectures",)
 _PATTERN_HINT = re.compile(r"layer|step|freq|pattern|interval|period|every|sparse", re.I)
@@ -70,8 +71,9 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     new = nn.ModuleList([old[i] for i in kept])
     for position, layer in enumerate(new):
         for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = position
+            for name in LAYER_INDEX_ATTRIBUTES:  # the KV-cache (or recurrent-state) slot of the layer
+                if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
+                    setattr(module, name, position)
     set_module(pruned, family.layers, new)
     sliced = slice_config(pruned.config, kept, num_layers)
     logger.info("dropped layers %s; %d layers remain; config entries updated: %s", removed, len(kept), sliced)
@@ -151,7 +153,8 @@ def _signature(layer: nn.Module) -> list[tuple]:
     for path, module in layer.named_modules():
         shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
         settings = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_")
-                                and k not in ("layer_idx", "training") and isinstance(v, (int, float, bool, str))))
+                                and k not in (*LAYER_INDEX_ATTRIBUTES, "training")
+                                and isinstance(v, (int, float, bool, str))))
         rows.append((path, type(module).__name__, shapes, settings))
     return rows
 

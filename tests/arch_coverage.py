@@ -102,10 +102,10 @@ def build(model_type: str):
 
     from hubprune.families import skeleton
 
-    error = None
-    for config in tiny_configs(model_type):
+    errors = []
+    for config in _with_text_configs(tiny_configs(model_type)):
         if isinstance(config, Exception):
-            error = config
+            errors.append(config)
             continue
         try:
             if getattr(config, "is_encoder_decoder", False):
@@ -120,8 +120,16 @@ def build(model_type: str):
                 model(input_ids=ids)
             return config, model, ids
         except Exception as err:
-            error = err
-    raise error
+            errors.append(err)
+    raise errors[0]  # the plainest attempt's reason
+
+
+def _with_text_configs(configs):
+    """Each config, then its text config where it has one (the causal LM of some multimodal types)."""
+    for config in configs:
+        yield config
+        if not isinstance(config, Exception) and config.get_text_config() is not config:
+            yield config.get_text_config()
 
 
 def drop_for(config) -> list[int]:
@@ -206,8 +214,8 @@ def _skipping(model, layers, skip: list[int], ids: torch.Tensor) -> torch.Tensor
 
     def identity(module, args, kwargs, output):
         hidden = args[0] if args else kwargs["hidden_states"]
-        if isinstance(output, tuple):
-            return (hidden, *output[1:])
+        if isinstance(output, (tuple, list)):
+            return type(output)([hidden, *output[1:]])
         return hidden
 
     handles = [layers[i].register_forward_hook(identity, with_kwargs=True) for i in skip]
