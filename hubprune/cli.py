@@ -1,17 +1,17 @@
 """The ``hubprune`` command: thin wrappers over the library's verbs.
 
-    hubprune scan MODEL [--out scan.json] [--plot scan.png]
-    hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
-    hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
-    hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500 | --sample 2000]
-    hubprune sweep MODEL --fractions 0.1,0.2,0.3 --out DIR [--heal-steps 50]
-    hubprune prune MODEL --max-quality-loss 0.05 --out DIR    (as many layers as stay within 5 %)
-    hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
-    hubprune push DIR user/name [--private] [--create-pr]
-    hubprune run recipe.yaml
-    hubprune serve MODEL [MODEL ...] [--config serve.yaml]   (one OpenAI endpoint, several models)
-    hubprune compare ORIGINAL PRUNED [MORE ...] [--server URL] [--port 7860] [--no-browser]   (side by side, web app)
-    hubprune space push user/name --models ORIGINAL PRUNED [--private]   (the comparison app as a Space)
+hubprune scan MODEL [--out scan.json] [--plot scan.png]
+hubprune prune MODEL --drop 6 --out DIR          (or --fraction 0.2, or --layers 12,13,14)
+hubprune heal DIR --out HEALED [--steps 200] [--distill 0.5]
+hubprune eval DIR [--tasks arc_easy,piqa,hellaswag] [--limit 500 | --sample 2000]
+hubprune sweep MODEL --fractions 0.1,0.2,0.3 --out DIR [--heal-steps 50]
+hubprune prune MODEL --max-quality-loss 0.05 --out DIR    (as many layers as stay within 5 %)
+hubprune cut DIR --layers 40,41,42 --out SMALLER   (file level: no model in memory)
+hubprune push DIR user/name [--private] [--create-pr]
+hubprune run recipe.yaml
+hubprune serve MODEL [MODEL ...] [--config serve.yaml]   (one OpenAI endpoint, several models)
+hubprune compare ORIGINAL PRUNED [MORE ...] [--server URL] [--port 7860] [--no-browser]   (side by side, web app)
+hubprune space push user/name --models ORIGINAL PRUNED [--private]   (the comparison app as a Space)
 """
 
 from __future__ import annotations
@@ -92,8 +92,14 @@ def cmd_prune(args) -> int:
     layers = _layer_list(args.layers) if args.layers else None
     recipe = Recipe(
         model=args.model,
-        prune=PruneConfig(n_layers=args.drop, fraction=args.fraction, layers=layers, metric=args.metric,
-                          max_quality_loss=args.max_quality_loss, quality=args.quality),
+        prune=PruneConfig(
+            n_layers=args.drop,
+            fraction=args.fraction,
+            layers=layers,
+            metric=args.metric,
+            max_quality_loss=args.max_quality_loss,
+            quality=args.quality,
+        ),
         calibration=_calibration(args),
         output=args.out,
         overwrite=args.overwrite,
@@ -118,11 +124,20 @@ def cmd_heal(args) -> int:
 
     check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
     config = HealConfig(
-        method=args.method, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seq_len=args.seq_len, learning_rate=args.lr, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-        distill=args.distill, keep_adapter=args.keep_adapter, refit=not args.no_refit,
+        method=args.method,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        learning_rate=args.lr,
+        lora_r=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        distill=args.distill,
+        keep_adapter=args.keep_adapter,
+        refit=not args.no_refit,
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
-        text=args.text, mix=args.mix,
+        text=args.text,
+        mix=args.mix,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
     )
     checkpoints = _checkpoint_dir(args.out)
@@ -134,8 +149,16 @@ def cmd_heal(args) -> int:
     if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
         from hubprune.qlora import heal_checkpoint
 
-        _, report = heal_checkpoint(args.folder, args.out, config, checkpoint_dir=checkpoints, eval_texts=heldout,
-                                    device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+        _, report = heal_checkpoint(
+            args.folder,
+            args.out,
+            config,
+            checkpoint_dir=checkpoints,
+            eval_texts=heldout,
+            device=args.device,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
         if not PartialState().is_main_process:
             return 0
         h = report.to_dict()
@@ -152,31 +175,32 @@ def cmd_heal(args) -> int:
                 if config.distill > 0:
                     raise
                 logger.warning("the original %s could not be loaded (%s); healing without refit", r.base_model, err)
-        healed = pruned.heal(config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout,
-                             progress=not args.quiet)
+        healed = pruned.heal(
+            config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout, progress=not args.quiet
+        )
         if not PartialState().is_main_process:  # under accelerate launch, one process writes
             return 0
         healed.save_pretrained(args.out, overwrite=args.overwrite)
         h = healed.record.healing
     shutil.rmtree(checkpoints, ignore_errors=True)
-    print(f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
-          f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}")
+    print(
+        f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
+        f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}"
+    )
     return 0
 
 
 def cmd_eval(args) -> int:
     import json as _json
 
+    import torch
+    from accelerate import PartialState
+
     from hubprune.card import readme_was_edited, write_card
     from hubprune.evaluate import evaluate_model
     from hubprune.loading import load_model
     from hubprune.record import RECORD_FILE, PruneRecord
-
     from hubprune.tasks import TASKS
-
-    from accelerate import PartialState
-
-    import torch
 
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
@@ -188,8 +212,10 @@ def cmd_eval(args) -> int:
     record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
     chat = args.chat or args.continuations
     if chat and record is None:
-        raise ValueError(f"--chat measures a pruned model against its original, and {args.model} has no "
-                         f"{RECORD_FILE}; give a folder written by hubprune prune or heal")
+        raise ValueError(
+            f"--chat measures a pruned model against its original, and {args.model} has no "
+            f"{RECORD_FILE}; give a folder written by hubprune prune or heal"
+        )
     if chat and args.no_baseline:
         raise ValueError("--chat compares with the original, so it cannot be combined with --no-baseline")
     results = {}
@@ -198,24 +224,37 @@ def cmd_eval(args) -> int:
         from hubprune.chat import has_chat_template
 
         if not has_chat_template(tokenizer):
-            raise ValueError(f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
-                             "score; use --continuations (greedy continuations of held-out prose) instead")
-    results["pruned" if record else "model"] = evaluate_model(model, tokenizer, tasks, limit=args.limit,
-                                                              sample=args.sample, progress=not args.quiet)
+            raise ValueError(
+                f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
+                "score; use --continuations (greedy continuations of held-out prose) instead"
+            )
+    results["pruned" if record else "model"] = evaluate_model(
+        model, tokenizer, tasks, limit=args.limit, sample=args.sample, progress=not args.quiet
+    )
     if not chat:
         del model
     base = None
     if record and not args.no_baseline:
         revision = record.base_revision if record.origin.get("kind") == "hub" else None
-        base, base_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=args.dtype, device=args.device)
-        results["original"] = evaluate_model(base, base_tokenizer, tasks, limit=args.limit, sample=args.sample,
-                                            progress=not args.quiet)
+        base, base_tokenizer, _ = load_model(
+            record.base_model, revision=revision, dtype=args.dtype, device=args.device
+        )
+        results["original"] = evaluate_model(
+            base, base_tokenizer, tasks, limit=args.limit, sample=args.sample, progress=not args.quiet
+        )
     fidelity = None
     if chat:
         from hubprune.chat import chat_fidelity
 
-        fidelity = chat_fidelity(model, base, tokenizer, n_prompts=args.chat_prompts, max_new_tokens=args.max_new_tokens,
-                                 chat=bool(args.chat), progress=not args.quiet)
+        fidelity = chat_fidelity(
+            model,
+            base,
+            tokenizer,
+            n_prompts=args.chat_prompts,
+            max_new_tokens=args.max_new_tokens,
+            chat=bool(args.chat),
+            progress=not args.quiet,
+        )
     if not main_process:  # every process evaluated its share; one reports
         return 0
     if "original" in results:
@@ -256,12 +295,22 @@ def cmd_sweep(args) -> int:
     heal = HealConfig(steps=args.heal_steps, distill=args.distill) if args.heal_steps else None
     pruner = LayerPruner.from_pretrained(args.model, **_load_options(args))
     pruner.scan(_calibration(args), progress=not args.quiet)
-    result = sweep(pruner, fractions, metrics, quality=args.quality, tasks=args.tasks.split(","), limit=args.limit,
-                   heal=heal, progress=not args.quiet)
+    result = sweep(
+        pruner,
+        fractions,
+        metrics,
+        quality=args.quality,
+        tasks=args.tasks.split(","),
+        limit=args.limit,
+        heal=heal,
+        progress=not args.quiet,
+    )
     files = result.save(out)
     for p in result.points:
-        print(f"{p.metric:16s} {'healed' if p.healed else 'pruned':7s} drop {p.n_layers:3d} ({p.fraction:.0%}): "
-              f"quality {p.quality:.3f}")
+        print(
+            f"{p.metric:16s} {'healed' if p.healed else 'pruned':7s} drop {p.n_layers:3d} ({p.fraction:.0%}): "
+            f"quality {p.quality:.3f}"
+        )
     print("written: " + ", ".join(str(f) for f in files.values()))
     return 0
 
@@ -269,7 +318,9 @@ def cmd_sweep(args) -> int:
 def cmd_cut(args) -> int:
     from hubprune.filesurgery import cut_checkpoint
 
-    out = cut_checkpoint(args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet)
+    out = cut_checkpoint(
+        args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet
+    )
     print(f"cut layers {sorted(_layer_list(args.layers))} from {args.folder} at file level; saved to {out}")
     return 0
 
@@ -277,8 +328,15 @@ def cmd_cut(args) -> int:
 def cmd_push(args) -> int:
     from hubprune.hub import push_folder
 
-    info = push_folder(args.folder, args.repo_id, private=args.private or None, token=args.token,
-                       create_pr=args.create_pr, commit_message=args.message, replace_readme=args.replace_readme)
+    info = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private or None,
+        token=args.token,
+        create_pr=args.create_pr,
+        commit_message=args.message,
+        replace_readme=args.replace_readme,
+    )
     print(f"pushed {args.folder} to {args.repo_id}: {info.pr_url or info.commit_url}")
     return 0
 
@@ -293,16 +351,26 @@ def cmd_serve(args) -> int:
 def cmd_compare(args) -> int:
     from hubprune.space.launch import run_compare
 
-    run_compare(args.models, server_url=args.server, host=args.host, port=args.port, open_browser=not args.no_browser,
-                votes_path=args.votes, device=args.device, use_server=not args.no_server, engine=args.engine)
+    run_compare(
+        args.models,
+        server_url=args.server,
+        host=args.host,
+        port=args.port,
+        open_browser=not args.no_browser,
+        votes_path=args.votes,
+        device=args.device,
+        use_server=not args.no_server,
+        engine=args.engine,
+    )
     return 0
 
 
 def cmd_space(args) -> int:
     from hubprune.space.push import push_space
 
-    info = push_space(args.repo_id, args.models, private=args.private or None, token=args.token,
-                      commit_message=args.message)
+    info = push_space(
+        args.repo_id, args.models, private=args.private or None, token=args.token, commit_message=args.message
+    )
     print(f"pushed the comparison Space {args.repo_id}: {info.commit_url}")
     return 0
 
@@ -314,9 +382,11 @@ def _run(recipe: Recipe, quiet: bool) -> int:
     r = pruned.record
     if pruned.scan is not None and not quiet:
         print(pruned.scan.table(block_sizes=[len(r.removed_layers)]))
-    print(f"{r.base_model}: removed layers {r.removed_layers} ({r.metric}); "
-          f"{r.base_num_layers} -> {r.num_layers} layers, "
-          f"{r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters")
+    print(
+        f"{r.base_model}: removed layers {r.removed_layers} ({r.metric}); "
+        f"{r.base_num_layers} -> {r.num_layers} layers, "
+        f"{r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters"
+    )
     if out is not None:
         print(f"saved to {out}")
     return 0
@@ -324,15 +394,23 @@ def _run(recipe: Recipe, quiet: bool) -> int:
 
 def _calibration(args) -> CalibrationConfig:
     return CalibrationConfig(
-        files=args.calibration, dataset=args.dataset, corpus=args.corpus,
-        n_samples=args.n_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+        files=args.calibration,
+        dataset=args.dataset,
+        corpus=args.corpus,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
     )
 
 
 def _load_options(args) -> dict:
-    return {"revision": args.revision, "dtype": args.dtype, "device": args.device,
-            "trust_remote_code": args.trust_remote_code,
-            "streaming": {"auto": "auto", "on": True, "off": False}[args.streaming]}
+    return {
+        "revision": args.revision,
+        "dtype": args.dtype,
+        "device": args.device,
+        "trust_remote_code": args.trust_remote_code,
+        "streaming": {"auto": "auto", "on": True, "off": False}[args.streaming],
+    }
 
 
 def _layer_list(text: str) -> list[int]:
@@ -357,9 +435,15 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     model.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    model.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)")
-    model.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
-                       help="scan layer by layer from the shards and cut files (default: only if the model does not fit)")
+    model.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)"
+    )
+    model.add_argument(
+        "--streaming",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="scan layer by layer from the shards and cut files (default: only if the model does not fit)",
+    )
     calib = model.add_argument_group("calibration")
     calib.add_argument("--calibration", nargs="+", metavar="FILE", help="text files (default: the offline corpus)")
     calib.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
@@ -372,8 +456,13 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--out", help="write the scan as JSON")
     scan.add_argument("--plot", help="write a PNG heat map")
     scan.add_argument("--metric", default="angular_last", choices=METRICS, help="metric of the heat map")
-    scan.add_argument("--loss-block-sizes", type=int, nargs="+", metavar="N",
-                      help="also measure calibration perplexity with each block of N layers removed")
+    scan.add_argument(
+        "--loss-block-sizes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="also measure calibration perplexity with each block of N layers removed",
+    )
     scan.set_defaults(func=cmd_scan)
 
     prune = sub.add_parser("prune", parents=[common, model], help="drop layers and save a transformers checkpoint")
@@ -381,11 +470,19 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--drop", type=int, metavar="N", help="number of layers to drop")
     how.add_argument("--fraction", type=float, help="fraction of layers to drop, in (0, 1)")
     how.add_argument("--layers", help="explicit 0-based layers to drop, e.g. 12,13,14")
-    how.add_argument("--max-quality-loss", type=float, metavar="X",
-                     help="drop as many layers as keep quality within X (e.g. 0.05) of the original, by measuring")
-    prune.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks", "chat"],
-                       help="what --max-quality-loss measures: held-out perplexity, zero-shot tasks, or chat "
-                            "answers (top-1 agreement with the original's)")
+    how.add_argument(
+        "--max-quality-loss",
+        type=float,
+        metavar="X",
+        help="drop as many layers as keep quality within X (e.g. 0.05) of the original, by measuring",
+    )
+    prune.add_argument(
+        "--quality",
+        default="perplexity",
+        choices=["perplexity", "tasks", "chat"],
+        help="what --max-quality-loss measures: held-out perplexity, zero-shot tasks, or chat "
+        "answers (top-1 agreement with the original's)",
+    )
     prune.add_argument("--metric", default="angular_last", choices=METRICS)
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
@@ -393,8 +490,12 @@ def _parser() -> argparse.ArgumentParser:
     heal = sub.add_parser("heal", parents=[common], help="heal a pruned folder with LoRA (and distillation)")
     heal.add_argument("folder", help="a folder written by hubprune prune")
     heal.add_argument("--out", required=True, help="output folder for the healed model")
-    heal.add_argument("--method", default="lora", choices=["lora", "qlora"],
-                      help="qlora: load the folder in 4-bit NF4 (never in full precision), merge at file level")
+    heal.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "qlora"],
+        help="qlora: load the folder in 4-bit NF4 (never in full precision), merge at file level",
+    )
     heal.add_argument("--steps", type=int, default=200)
     heal.add_argument("--batch-size", type=int, default=4)
     heal.add_argument("--grad-accum", type=int, default=1)
@@ -402,37 +503,67 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--lr", type=float, default=2e-4)
     heal.add_argument("--lora-r", type=int, default=8)
     heal.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the original, in [0, 1]")
-    heal.add_argument("--no-refit", action="store_true",
-                      help="skip the closed-form refit of the layer before each gap (done before LoRA by default)")
+    heal.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="skip the closed-form refit of the layer before each gap (done before LoRA by default)",
+    )
     heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
-    heal.add_argument("--text", default="auto", choices=["auto", "chat", "prose"],
-                      help="chat: conversations the original writes itself (the default for models with a chat "
-                           "template); prose: --data, --dataset or --corpus text")
+    heal.add_argument(
+        "--text",
+        default="auto",
+        choices=["auto", "chat", "prose"],
+        help="chat: conversations the original writes itself (the default for models with a chat "
+        "template); prose: --data, --dataset or --corpus text",
+    )
     heal.add_argument("--mix", type=float, default=0.0, help="share of prose windows mixed into chat healing")
-    heal.add_argument("--conversations", type=int, default=ChatDataConfig.conversations,
-                      help="conversations the original writes for chat healing (cached; a rerun reuses them)")
-    heal.add_argument("--chat-prompts", default="magpie", metavar="FILE",
-                      help="a file of user prompts, one a line, for chat healing (default: the original writes them)")
-    heal.add_argument("--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)")
+    heal.add_argument(
+        "--conversations",
+        type=int,
+        default=ChatDataConfig.conversations,
+        help="conversations the original writes for chat healing (cached; a rerun reuses them)",
+    )
+    heal.add_argument(
+        "--chat-prompts",
+        default="magpie",
+        metavar="FILE",
+        help="a file of user prompts, one a line, for chat healing (default: the original writes them)",
+    )
+    heal.add_argument(
+        "--data", nargs="+", metavar="FILE", help="healing text files (default: the corpus's train split)"
+    )
     heal.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
     heal.add_argument("--corpus", default="wiki")
-    heal.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                      help="lora only (qlora computes in bfloat16; merged weights keep their stored dtype)")
+    heal.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="lora only (qlora computes in bfloat16; merged weights keep their stored dtype)",
+    )
     heal.add_argument("--device", default="auto")
     heal.set_defaults(func=cmd_heal)
 
     ev = sub.add_parser("eval", parents=[common], help="held-out perplexity and zero-shot accuracy (harness-style)")
     ev.add_argument("model", help="a model (Hub id, folder, .gguf); a hubprune folder is compared with its original")
-    ev.add_argument("--tasks", default="arc_easy,piqa,hellaswag",
-                    help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu")
+    ev.add_argument(
+        "--tasks",
+        default="arc_easy,piqa,hellaswag",
+        help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu",
+    )
     ev.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
     ev.add_argument("--sample", type=int, help="N evenly spaced questions of each task instead of the first N")
     ev.add_argument("--no-baseline", action="store_true", help="do not evaluate the original of a pruned folder")
-    ev.add_argument("--chat", action="store_true",
-                    help="also score the answers: the original answers held-out prompts greedily through its chat "
-                         "template; top-1 agreement, KL, and the share of looping and unfinished answers")
-    ev.add_argument("--continuations", action="store_true",
-                    help="as --chat, on plain continuations of held-out prose (for models without a chat template)")
+    ev.add_argument(
+        "--chat",
+        action="store_true",
+        help="also score the answers: the original answers held-out prompts greedily through its chat "
+        "template; top-1 agreement, KL, and the share of looping and unfinished answers",
+    )
+    ev.add_argument(
+        "--continuations",
+        action="store_true",
+        help="as --chat, on plain continuations of held-out prose (for models without a chat template)",
+    )
     ev.add_argument("--chat-prompts", type=int, default=128, metavar="N", help="held-out prompts for --chat (128)")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit for --chat (128)")
     ev.add_argument("--out", help="write the results as JSON")
@@ -451,7 +582,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="folder for sweep.json, sweep.csv and sweep.png")
     sw.set_defaults(func=cmd_sweep)
 
-    cut = sub.add_parser("cut", parents=[common], help="drop layers from a safetensors folder without loading the model")
+    cut = sub.add_parser(
+        "cut", parents=[common], help="drop layers from a safetensors folder without loading the model"
+    )
     cut.add_argument("folder", help="a local transformers folder with safetensors weights")
     cut.add_argument("--layers", required=True, help="0-based layers to drop, e.g. 40,41,42")
     cut.add_argument("--out", required=True, help="output folder")
@@ -473,27 +606,44 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     cmp = sub.add_parser("compare", parents=[common], help="one prompt to two or more models, streamed side by side")
-    cmp.add_argument("models", nargs="+", metavar="MODEL",
-                     help="ORIGINAL PRUNED [MORE ...]: Hub ids, folders, .gguf files, or NAME=PATH")
-    cmp.add_argument("--server", help="an OpenAI-compatible server URL to stream from (default: $HUBPRUNE_SERVER_URL; "
-                                      "else hubprune serve is started on a free local port)")
+    cmp.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="ORIGINAL PRUNED [MORE ...]: Hub ids, folders, .gguf files, or NAME=PATH",
+    )
+    cmp.add_argument(
+        "--server",
+        help="an OpenAI-compatible server URL to stream from (default: $HUBPRUNE_SERVER_URL; "
+        "else hubprune serve is started on a free local port)",
+    )
     cmp.add_argument("--no-server", action="store_true", help="load the models in this process instead")
-    cmp.add_argument("--engine", choices=["auto", "transformers", "vllm"],
-                     help="engine of the hubprune serve it starts (default: serve's own choice)")
+    cmp.add_argument(
+        "--engine",
+        choices=["auto", "transformers", "vllm"],
+        help="engine of the hubprune serve it starts (default: serve's own choice)",
+    )
     cmp.add_argument("--host", default="127.0.0.1", help="address of the web app (default: this machine only)")
     cmp.add_argument("--port", type=int, default=7860, help="port of the web app (default 7860)")
     cmp.add_argument("--no-browser", action="store_true", help="do not open a browser; only print the URL")
-    cmp.add_argument("--votes", help="JSONL file for A/B votes (default: $HUBPRUNE_VOTES, else votes.jsonl in "
-                                     "~/.cache/hubprune)")
+    cmp.add_argument(
+        "--votes", help="JSONL file for A/B votes (default: $HUBPRUNE_VOTES, else votes.jsonl in ~/.cache/hubprune)"
+    )
     cmp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     cmp.set_defaults(func=cmd_compare)
 
     space = sub.add_parser("space", help="the comparison app as a Hugging Face Space")
     space_push = space.add_subparsers(dest="space_command", required=True).add_parser(
-        "push", parents=[common], help="create or update a Gradio Space comparing models, in one commit")
+        "push", parents=[common], help="create or update a Gradio Space comparing models, in one commit"
+    )
     space_push.add_argument("repo_id", help="user/name or org/name of the Space")
-    space_push.add_argument("--models", nargs="+", required=True, metavar="HUB_ID",
-                            help="two or more Hub ids (space- or comma-separated): the original and its pruned copies")
+    space_push.add_argument(
+        "--models",
+        nargs="+",
+        required=True,
+        metavar="HUB_ID",
+        help="two or more Hub ids (space- or comma-separated): the original and its pruned copies",
+    )
     space_push.add_argument("--private", action="store_true", help="create the Space as private")
     space_push.add_argument("--token", help="a Hub write token (default: HF_TOKEN or the saved login); never printed")
     space_push.add_argument("--message", help="commit message")

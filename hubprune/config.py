@@ -91,12 +91,18 @@ class PruneConfig:
     metric: str = "angular_last"
 
     def __post_init__(self) -> None:
-        given = [name for name in ("n_layers", "fraction", "layers", "max_quality_loss") if getattr(self, name) is not None]
+        given = [
+            name for name in ("n_layers", "fraction", "layers", "max_quality_loss") if getattr(self, name) is not None
+        ]
         if len(given) != 1:
             detail = "none was" if not given else f"{' and '.join(given)} were"
-            raise ValueError(f"prune: give exactly one of n_layers, fraction, layers or max_quality_loss ({detail} given)")
+            raise ValueError(
+                f"prune: give exactly one of n_layers, fraction, layers or max_quality_loss ({detail} given)"
+            )
         if self.max_quality_loss is not None and not 0 < self.max_quality_loss < 1:
-            raise ValueError(f"prune.max_quality_loss is a fraction in (0, 1) such as 0.05, got {self.max_quality_loss}")
+            raise ValueError(
+                f"prune.max_quality_loss is a fraction in (0, 1) such as 0.05, got {self.max_quality_loss}"
+            )
         if self.quality not in ("perplexity", "tasks", "chat"):
             raise ValueError(f"prune.quality must be perplexity, tasks or chat, got {self.quality!r}")
         if self.n_layers is not None and (
@@ -138,9 +144,7 @@ class PruneConfig:
                     f"use at least {1 / num_layers:.3f}"
                 )
         if n >= num_layers:
-            raise ValueError(
-                f"cannot drop {n} of {num_layers} layers: keep at least one; drop 1 to {num_layers - 1}"
-            )
+            raise ValueError(f"cannot drop {n} of {num_layers} layers: keep at least one; drop 1 to {num_layers - 1}")
         return n
 
 
@@ -185,10 +189,14 @@ class ChatDataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"heal.chat.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.student_answers, int) or isinstance(self.student_answers, bool) or not (
-                0 <= self.student_answers <= self.conversations):
-            raise ValueError(f"heal.chat.student_answers must be an integer in [0, conversations], "
-                             f"got {self.student_answers!r}")
+        if (
+            not isinstance(self.student_answers, int)
+            or isinstance(self.student_answers, bool)
+            or not (0 <= self.student_answers <= self.conversations)
+        ):
+            raise ValueError(
+                f"heal.chat.student_answers must be an integer in [0, conversations], got {self.student_answers!r}"
+            )
         for name in ("temperature", "question_temperature"):
             if not 0 < getattr(self, name) <= 2:
                 raise ValueError(f"heal.chat.{name} must lie in (0, 2] (sampling), got {getattr(self, name)}")
@@ -257,8 +265,16 @@ class HealConfig:
     def __post_init__(self) -> None:
         if self.method not in HEAL_METHODS:
             raise ValueError(f"heal.method {self.method!r} is unknown; choose one of {', '.join(HEAL_METHODS)}")
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "checkpoint_every",
-                     "refit_tokens"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "lora_r",
+            "lora_alpha",
+            "checkpoint_every",
+            "refit_tokens",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"heal.{name} must be a positive integer, got {value!r}")
@@ -279,8 +295,10 @@ class HealConfig:
         if not isinstance(self.refit, bool):
             raise ValueError(f"heal.refit must be true or false, got {self.refit!r}")
         if not self.refit_ridge > 0:
-            raise ValueError(f"heal.refit_ridge must be positive (it keeps the refit near the original weights), "
-                             f"got {self.refit_ridge}")
+            raise ValueError(
+                f"heal.refit_ridge must be positive (it keeps the refit near the original weights), "
+                f"got {self.refit_ridge}"
+            )
 
 
 @dataclass
@@ -363,7 +381,11 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 
 def _dataclass_in(hint: Any) -> type | None:
-    candidates = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    candidates = (
+        typing.get_args(hint)
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        else (hint,)
+    )
     return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
@@ -382,7 +404,9 @@ def replayable(source: Any, config: CalibrationConfig, windows=None) -> Calibrat
     kept (only the documents ``windows`` used, when given)."""
     if source is None or isinstance(source, CalibrationConfig):
         return source or config
-    if isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], Path)):
+    if isinstance(source, (str, Path)) or (
+        isinstance(source, (list, tuple)) and source and isinstance(source[0], Path)
+    ):
         files = [str(source)] if isinstance(source, (str, Path)) else [str(p) for p in source]
         return dataclasses.replace(config, files=files)
     return dataclasses.replace(config, texts=list(windows.texts) if windows is not None else list(source))

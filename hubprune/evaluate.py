@@ -10,7 +10,9 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> float:
+def perplexity(
+    model, ids: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity"
+) -> float:
     """exp(mean next-token NLL) of ``model`` over token windows ``ids`` ([n, seq_len]).
 
     Example: ``perplexity(model, token_windows(tok, default_corpus("wiki", "heldout"), 16, 256).ids)``
@@ -46,17 +48,29 @@ def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
     return default_corpus(corpus, "heldout")
 
 
-def heldout_windows(tokenizer, corpus: str = HELDOUT["corpus"], n_samples: int = HELDOUT["n_samples"],
-                    seq_len: int = HELDOUT["seq_len"]):
+def heldout_windows(
+    tokenizer,
+    corpus: str = HELDOUT["corpus"],
+    n_samples: int = HELDOUT["n_samples"],
+    seq_len: int = HELDOUT["seq_len"],
+):
     """Token windows of the default corpus's held-out split (never used for calibration or healing)."""
     from hubprune.calibration import token_windows
 
     return token_windows(tokenizer, heldout_texts(corpus), n_samples, seq_len, f"{corpus} corpus (heldout split)")
 
 
-def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *, limit: int | None = None,
-                   sample: int | None = None,
-                   heldout: dict | None = None, batch_size: int = 16, progress: bool = True):
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks=("arc_easy", "piqa", "hellaswag"),
+    *,
+    limit: int | None = None,
+    sample: int | None = None,
+    heldout: dict | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+):
     """Held-out perplexity plus zero-shot tasks, as one ``hubprune.tasks.EvalResult``.
 
     Example: ``evaluate_model(model, tokenizer, ["piqa"], limit=200).table()``
@@ -64,8 +78,9 @@ def evaluate_model(model, tokenizer, tasks=("arc_easy", "piqa", "hellaswag"), *,
     from hubprune.tasks import evaluate_tasks
 
     heldout = {**HELDOUT, **(heldout or {})}
-    result = evaluate_tasks(model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size,
-                            progress=progress)
+    result = evaluate_tasks(
+        model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size, progress=progress
+    )
     windows = heldout_windows(tokenizer, **heldout)
     result.perplexity = perplexity(model, windows.ids, progress=progress)
     result.heldout = f"{windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of the {windows.source}"

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass(frozen=True)
 class Family:
     """How one architecture family lays out its decoder stack."""
@@ -88,7 +87,9 @@ def discover(model: nn.Module) -> Family:
         raise ValueError(f"cannot prune {name}: its config has no num_hidden_layers") from None
     lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and path]
     text = [(p, m) for p, m in lists if not NOT_TEXT.search(p)]
-    attention = [(p, m) for p, m in text if any(isinstance(getattr(x, "layer_idx", None), int) for x in m[0].modules())]
+    attention = [
+        (p, m) for p, m in text if any(isinstance(getattr(x, "layer_idx", None), int) for x in m[0].modules())
+    ]
     candidates = attention or text
     if len(candidates) > 1:  # an encoder beside the decoder
         candidates = [(p, m) for p, m in candidates if "encoder" not in p] or candidates
@@ -98,13 +99,21 @@ def discover(model: nn.Module) -> Family:
     layers, stack = candidates[0]
     parent = layers.rpartition(".")[0]
     norm = _final_norm(model, parent) or (_final_norm(model, "") if parent else None)
-    return Family(model_type or type(model).__name__, (model_type,), layers=layers, final_norm=norm,
-                  lora_targets=_linear_names(stack, config), mlp_out=_mlp_out(stack[0]))
+    return Family(
+        model_type or type(model).__name__,
+        (model_type,),
+        layers=layers,
+        final_norm=norm,
+        lora_targets=_linear_names(stack, config),
+        mlp_out=_mlp_out(stack[0]),
+    )
 
 
 def _final_norm(model: nn.Module, parent: str) -> str | None:
     owner = get_module(model, parent) if parent else model
-    norms = {name: m for name, m in owner.named_children() if "norm" in type(m).__name__.lower() or name in _NORM_NAMES}
+    norms = {
+        name: m for name, m in owner.named_children() if "norm" in type(m).__name__.lower() or name in _NORM_NAMES
+    }
     named = [n for n in _NORM_NAMES if n in norms]
     choice = named[0] if named else next(iter(norms)) if len(norms) == 1 else None
     return None if choice is None else f"{parent}.{choice}".lstrip(".")
@@ -112,7 +121,9 @@ def _final_norm(model: nn.Module, parent: str) -> str | None:
 
 def _linear_names(stack: nn.ModuleList, config) -> tuple[str, ...]:
     """Leaf names of the linear layers in the stack (LoRA targets), routers (one output per expert) left out."""
-    experts = {getattr(config.get_text_config(), k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")}
+    experts = {
+        getattr(config.get_text_config(), k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+    }
     names = []
     for layer in stack:
         for path, module in layer.named_modules():
@@ -128,8 +139,11 @@ def _mlp_out(layer: nn.Module) -> str | None:
     """The dense MLP's output projection when its output goes straight into the residual stream."""
     if any(_NORMED_MLP.search(path) and "norm" in type(m).__name__.lower() for path, m in layer.named_modules()):
         return None
-    found = [p for p, m in layer.named_modules() if _MLP_OUT.match(p) and (isinstance(m, nn.Linear)
-                                                                          or type(m).__name__ == "Conv1D")]
+    found = [
+        p
+        for p, m in layer.named_modules()
+        if _MLP_OUT.match(p) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+    ]
     return found[0] if len(found) == 1 else None
 
 
@@ -162,8 +176,10 @@ def causal_lm_class(config) -> type:
         for name in getattr(config, "architectures", None) or []:
             if isinstance(getattr(transformers, name, None), type):
                 return getattr(transformers, name)
-    raise ValueError(f"transformers has no causal-LM class for {type(config).__name__} "
-                     f"(model_type {getattr(config, 'model_type', None)!r})")
+    raise ValueError(
+        f"transformers has no causal-LM class for {type(config).__name__} "
+        f"(model_type {getattr(config, 'model_type', None)!r})"
+    )
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -190,6 +206,8 @@ def final_hidden_hook(model: nn.Module, fn):
     norm = family_of(model).final_norm
     if norm is not None:
         return get_module(model, norm).register_forward_pre_hook(
-            lambda module, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            lambda module, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
     return decoder_layers(model)[-1].register_forward_hook(
-        lambda module, args, output: fn(output[0] if isinstance(output, (tuple, list)) else output))
+        lambda module, args, output: fn(output[0] if isinstance(output, (tuple, list)) else output)
+    )

@@ -33,8 +33,15 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 _CHUNK = 64 << 20  # bytes per read/write while copying a tensor
-_NOT_CARRIED = {"config.json", INDEX_FILE, "README.md", "hubprune.json", "hubprune_recipe.yaml",
-                "hubprune_scan.json", "hubprune_scan.png"}
+_NOT_CARRIED = {
+    "config.json",
+    INDEX_FILE,
+    "README.md",
+    "hubprune.json",
+    "hubprune_recipe.yaml",
+    "hubprune_scan.json",
+    "hubprune_scan.png",
+}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -119,8 +126,11 @@ def cut_checkpoint(
             names.append(name)
         bar.close()
         if len(plan) > 1:
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+            (tmp / INDEX_FILE).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+                )
+            )
         slice_config(config, kept, num_layers)
         config.save_pretrained(tmp)
         for path in source.iterdir():
@@ -177,8 +187,11 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     headers = [read_header(folder / shard)[0] for shard in shard_files(folder)]
-    pattern = layer_key_pattern([k for h in headers for k in h if k != "__metadata__"],
-                                config.get_text_config().num_hidden_layers, family_of(config))
+    pattern = layer_key_pattern(
+        [k for h in headers for k in h if k != "__metadata__"],
+        config.get_text_config().num_hidden_layers,
+        family_of(config),
+    )
     before = after = 0
     for header in headers:
         for name, info in header.items():
@@ -196,8 +209,14 @@ def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int
 
     before, after = count_checkpoint_parameters(source, removed)
     PruneRecord(
-        base_model=str(source.resolve()), base_revision=None, base_num_layers=num_layers, removed_layers=removed,
-        kept_layers=kept, metric="explicit", parameters_before=before, parameters_after=after,
+        base_model=str(source.resolve()),
+        base_revision=None,
+        base_num_layers=num_layers,
+        removed_layers=removed,
+        kept_layers=kept,
+        metric="explicit",
+        parameters_before=before,
+        parameters_after=after,
         origin={"kind": "local", "path": str(source.resolve()), "note": "cut at file level (hubprune cut)"},
         hubprune_version=__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -220,6 +239,8 @@ def layer_key_pattern(keys: list[str], num_layers: int, family) -> re.Pattern:
         last = family.layers.rsplit(".", 1)[-1]
         found = [p for p in found if p.rsplit(".", 1)[-1] == last] or found
     if len(found) != 1:
-        raise ValueError(f"cannot tell which tensors of the checkpoint belong to its {num_layers} decoder layers "
-                         f"(candidates: {', '.join(found) or 'none'}); prune it in memory instead (hubprune prune)")
+        raise ValueError(
+            f"cannot tell which tensors of the checkpoint belong to its {num_layers} decoder layers "
+            f"(candidates: {', '.join(found) or 'none'}); prune it in memory instead (hubprune prune)"
+        )
     return re.compile(rf"^({re.escape(found[0])}\.)(\d+)(\..*)$" if found[0] else r"^()(\d+)(\..*)$")

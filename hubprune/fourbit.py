@@ -20,9 +20,14 @@ def load_4bit(source: str | os.PathLike, device: torch.device, *, revision: str 
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
     target = device.index if device.type == "cuda" and device.index is not None else str(device)
     logger.info("loading %s in 4-bit NF4 on %s", source, device)
-    return AutoModelForCausalLM.from_pretrained(os.fspath(source), quantization_config=quantization,
-                                                device_map={"": target}, revision=revision)
+    return AutoModelForCausalLM.from_pretrained(
+        os.fspath(source), quantization_config=quantization, device_map={"": target}, revision=revision
+    )

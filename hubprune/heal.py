@@ -94,8 +94,9 @@ def heal_model(
     world, rank = accelerator.num_processes, accelerator.process_index
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
-    windows = _healing_windows(tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process,
-                               student=model)
+    windows = _healing_windows(
+        tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process, student=model
+    )
     if eval_texts is not None:
         check_disjoint(windows.texts, eval_texts)
     refit = _refit(model, teacher, removed, windows, config, progress and accelerator.is_local_main_process)
@@ -103,8 +104,13 @@ def heal_model(
         teacher = None  # only the refit needed it
 
     targets = list(config.target_modules or family_of(model).lora_targets)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     student = _quantized_copy(model) if config.method == "qlora" else model
     student.config.use_cache = False
     torch.manual_seed(config.seed)  # the LoRA initialisation; the data order has its own generator
@@ -121,8 +127,10 @@ def heal_model(
     if checkpoint is not None and checkpoint.is_file():
         state = _load_checkpoint(checkpoint, key)
         if state["key"] != key:
-            raise ValueError(f"the checkpoint in {checkpoint.parent} was made by a different heal config or model; "
-                             "rerun with the same settings, or delete that folder to start over")
+            raise ValueError(
+                f"the checkpoint in {checkpoint.parent} was made by a different heal config or model; "
+                "rerun with the same settings, or delete that folder to start over"
+            )
         set_peft_model_state_dict(accelerator.unwrap_model(peft_model), state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -131,9 +139,13 @@ def heal_model(
 
     peft_model.train()
     tokens_per_step = config.batch_size * config.grad_accum * world * windows.ids.size(1)
-    bar = tqdm(total=config.steps, initial=start, desc=f"heal ({config.method}"
-               f"{', distill' if config.distill else ''})", unit="step",
-               disable=not progress or not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=f"heal ({config.method}{', distill' if config.distill else ''})",
+        unit="step",
+        disable=not progress or not accelerator.is_local_main_process,
+    )
     started = time.perf_counter()
     for step in range(start, config.steps):
         step_loss = 0.0
@@ -156,11 +168,17 @@ def heal_model(
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}")
         if checkpoint is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             if accelerator.is_main_process:
-                _save_checkpoint(checkpoint, {
-                    "key": key, "step": step + 1, "losses": losses, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "lora": get_peft_model_state_dict(accelerator.unwrap_model(peft_model)),
-                })
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "key": key,
+                        "step": step + 1,
+                        "losses": losses,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "lora": get_peft_model_state_dict(accelerator.unwrap_model(peft_model)),
+                    },
+                )
             accelerator.wait_for_everyone()
     bar.close()
     seconds = time.perf_counter() - started
@@ -181,13 +199,23 @@ def heal_model(
     healed.eval().requires_grad_(False)
     done = config.steps - start
     report = HealReport(
-        method=config.method + ("+distill" if config.distill else ""), steps=config.steps,
-        tokens=config.steps * tokens_per_step, seconds=round(seconds, 1),
+        method=config.method + ("+distill" if config.distill else ""),
+        steps=config.steps,
+        tokens=config.steps * tokens_per_step,
+        seconds=round(seconds, 1),
         tokens_per_second=round(done * tokens_per_step / seconds, 1) if done else 0.0,
-        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
-        resumed_from=start, refit=refit, config=asdict(replace(config, data=None)),
-        data={"text": "prose" if windows.loss_mask is None else "chat", "source": windows.source, "windows": len(windows.ids), "tokens": windows.num_tokens,
-              "fingerprint": windows.fingerprint()},
+        first_loss=losses[0] if losses else math.nan,
+        final_loss=losses[-1] if losses else math.nan,
+        resumed_from=start,
+        refit=refit,
+        config=asdict(replace(config, data=None)),
+        data={
+            "text": "prose" if windows.loss_mask is None else "chat",
+            "source": windows.source,
+            "windows": len(windows.ids),
+            "tokens": windows.num_tokens,
+            "fingerprint": windows.fingerprint(),
+        },
     )
     return healed, report
 
@@ -227,22 +255,42 @@ def _loss(model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.
     return (1 - config.distill) * lm + config.distill * kl
 
 
-def _refit(model: nn.Module, teacher: nn.Module | None, removed: list[int] | None, windows: TokenWindows,
-           config: HealConfig, progress: bool) -> dict:
+def _refit(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    removed: list[int] | None,
+    windows: TokenWindows,
+    config: HealConfig,
+    progress: bool,
+) -> dict:
     """Refit the layer before each gap in place (hubprune.refit) where the config asks and it can be done."""
     from hubprune.refit import can_refit, refit_gaps
 
     if not config.refit:
         return {}
-    reason = ("the weights are trained in 4-bit" if config.method == "qlora"
-              else "the removed layers are not known" if removed is None
-              else "no original model (teacher) was given" if teacher is None
-              else f"{family_of(model).name} normalises its MLP output" if not can_refit(model) else None)
+    reason = (
+        "the weights are trained in 4-bit"
+        if config.method == "qlora"
+        else "the removed layers are not known"
+        if removed is None
+        else "no original model (teacher) was given"
+        if teacher is None
+        else f"{family_of(model).name} normalises its MLP output"
+        if not can_refit(model)
+        else None
+    )
     if reason:
         logger.info("heal.refit skipped: %s", reason)
         return {"skipped": reason}
-    report = refit_gaps(model, teacher, removed, windows.ids[:_refit_windows(config)], ridge=config.refit_ridge,
-                        batch_size=config.batch_size, progress=progress)
+    report = refit_gaps(
+        model,
+        teacher,
+        removed,
+        windows.ids[: _refit_windows(config)],
+        ridge=config.refit_ridge,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
     return report.to_dict()
 
 
@@ -251,8 +299,15 @@ def _refit_windows(config: HealConfig) -> int:
     return -(-config.refit_tokens // config.seq_len)
 
 
-def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teacher: nn.Module | None,
-                     progress: bool, student: nn.Module | None = None) -> TokenWindows:
+def _healing_windows(
+    tokenizer,
+    config: HealConfig,
+    data: Any,
+    world: int,
+    teacher: nn.Module | None,
+    progress: bool,
+    student: nn.Module | None = None,
+) -> TokenWindows:
     needed = config.steps * config.batch_size * config.grad_accum * world
     if config.refit:
         needed = max(needed, _refit_windows(config))
@@ -268,20 +323,29 @@ def _healing_windows(tokenizer, config: HealConfig, data: Any, world: int, teach
     else:
         from hubprune.chat import chat_windows, self_chat, student_chat
 
-        conversations = self_chat(teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed,
-                                  progress=progress)
+        conversations = self_chat(
+            teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed, progress=progress
+        )
         if config.chat.student_answers and student is not None:
-            own = student_chat(student, tokenizer, conversations[: config.chat.student_answers], config.chat,
-                               progress=progress)
-            conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own):]
+            own = student_chat(
+                student, tokenizer, conversations[: config.chat.student_answers], config.chat, progress=progress
+            )
+            conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own) :]
         windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
         if prose is not None:  # prose learns every token
-            windows = TokenWindows(torch.cat([windows.ids, prose.ids]), windows.texts + prose.texts,
-                                   f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
-                                   torch.cat([windows.loss_mask, torch.ones_like(prose.ids, dtype=torch.bool)]))
+            windows = TokenWindows(
+                torch.cat([windows.ids, prose.ids]),
+                windows.texts + prose.texts,
+                f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
+                torch.cat([windows.loss_mask, torch.ones_like(prose.ids, dtype=torch.bool)]),
+            )
     if len(windows.ids) < needed:
-        logger.info("healing text fills %d windows; %d steps read it %.1f times",
-                    len(windows.ids), config.steps, needed / len(windows.ids))
+        logger.info(
+            "healing text fills %d windows; %d steps read it %.1f times",
+            len(windows.ids),
+            config.steps,
+            needed / len(windows.ids),
+        )
     return windows
 
 
@@ -292,16 +356,22 @@ def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | 
     given = data is not None or any(getattr(config.data, k) is not None for k in ("texts", "files", "dataset"))
     if config.text == "prose":
         return "prose", "heal.text is prose"
-    problem = ("the tokenizer has no chat template" if not has_chat_template(tokenizer)
-               else "the original model is not at hand to write the conversations" if teacher is None
-               else None)
+    problem = (
+        "the tokenizer has no chat template"
+        if not has_chat_template(tokenizer)
+        else "the original model is not at hand to write the conversations"
+        if teacher is None
+        else None
+    )
     if config.text == "chat":
         if problem:
             raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
         if given and not config.mix:
-            raise ValueError("heal.text chat writes its own conversations, but healing text was given too; "
-                             "give heal.text prose to heal on that text alone, or heal.mix > 0 to mix it into "
-                             "the conversations")
+            raise ValueError(
+                "heal.text chat writes its own conversations, but healing text was given too; "
+                "give heal.text prose to heal on that text alone, or heal.mix > 0 to mix it into "
+                "the conversations"
+            )
         return "chat", "heal.text is chat"
     if given:
         return "prose", "healing text was given"
@@ -310,8 +380,9 @@ def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | 
     return "chat", "the model has a chat template (heal.text auto)"
 
 
-def _batch(windows: TokenWindows, index: int, config: HealConfig, rank: int, world: int
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _batch(
+    windows: TokenWindows, index: int, config: HealConfig, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     # Global micro-batch `index` is windows [index*B*world, (index+1)*B*world) of a seeded
     # permutation per epoch; this process takes its B of them. Pure function of index: resumable.
     n, size = len(windows.ids), config.batch_size * world
@@ -336,8 +407,15 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 def _config_key(config: HealConfig, model: nn.Module, windows: TokenWindows) -> str:
-    text = json.dumps([asdict(replace(config, checkpoint_every=1, keep_adapter=False)),
-                       model.config.to_dict(), windows.fingerprint()], sort_keys=True, default=str)
+    text = json.dumps(
+        [
+            asdict(replace(config, checkpoint_every=1, keep_adapter=False)),
+            model.config.to_dict(),
+            windows.fingerprint(),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -361,8 +439,15 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         pass
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, f.name)
     os.replace(f.name, path.parent / tensor_file)
-    meta = {"key": state["key"], "step": state["step"], "losses": state["losses"], "tensors": tensor_file,
-            "param_groups": optimizer["param_groups"], "optimizer_scalars": scalars, "scheduler": state["scheduler"]}
+    meta = {
+        "key": state["key"],
+        "step": state["step"],
+        "losses": state["losses"],
+        "tensors": tensor_file,
+        "param_groups": optimizer["param_groups"],
+        "optimizer_scalars": scalars,
+        "scheduler": state["scheduler"],
+    }
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as f:
         json.dump(meta, f)
     os.replace(f.name, path)
@@ -382,8 +467,9 @@ def _load_checkpoint(path: Path, key: str) -> dict:
         tensor_file = path.parent / Path(meta["tensors"]).name  # a bare name: never a path elsewhere
         tensors = load_file(tensor_file)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"the healing checkpoint in {path.parent} cannot be read ({err}); delete that folder to "
-                         "start over") from None
+        raise ValueError(
+            f"the healing checkpoint in {path.parent} cannot be read ({err}); delete that folder to start over"
+        ) from None
     lora = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("lora/")}
     state: dict[int, dict] = {}
     for name, value in tensors.items():
@@ -392,8 +478,14 @@ def _load_checkpoint(path: Path, key: str) -> dict:
             state.setdefault(int(index), {})[field_name] = value
     for index, values in meta["optimizer_scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    return {"key": meta["key"], "step": meta["step"], "losses": meta["losses"], "lora": lora,
-            "optimizer": {"state": state, "param_groups": meta["param_groups"]}, "scheduler": meta["scheduler"]}
+    return {
+        "key": meta["key"],
+        "step": meta["step"],
+        "losses": meta["losses"],
+        "lora": lora,
+        "optimizer": {"state": state, "param_groups": meta["param_groups"]},
+        "scheduler": meta["scheduler"],
+    }
 
 
 def _require_qlora(device: torch.device | None = None) -> None:
@@ -401,12 +493,16 @@ def _require_qlora(device: torch.device | None = None) -> None:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("heal.method qlora needs the bitsandbytes package (pip install 'hubprune[qlora]'); "
-                         "use method: lora without it")
+        raise ValueError(
+            "heal.method qlora needs the bitsandbytes package (pip install 'hubprune[qlora]'); "
+            "use method: lora without it"
+        )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not _nf4_on_cpu():
-        raise ValueError("heal.method qlora needs a CUDA GPU here: this bitsandbytes cannot run 4-bit NF4 on the "
-                         "CPU (bitsandbytes 0.50.2 can); use method: lora on a CPU, or upgrade bitsandbytes")
+        raise ValueError(
+            "heal.method qlora needs a CUDA GPU here: this bitsandbytes cannot run 4-bit NF4 on the "
+            "CPU (bitsandbytes 0.50.2 can); use method: lora on a CPU, or upgrade bitsandbytes"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"heal.method qlora runs on a CUDA GPU or the CPU, not on {device}; use method: lora there")
 
@@ -436,6 +532,8 @@ def _quantized_copy(model: nn.Module) -> nn.Module:
     if not _is_4bit(model):
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            )
             model = load_4bit(tmp, device)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

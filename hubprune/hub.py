@@ -47,7 +47,11 @@ def push_folder(
         raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: push folders written by hubprune prune or heal")
     _check_repo_id(repo_id)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
-    operations = [CommitOperationAdd(str(p.relative_to(folder)), str(p)) for p in files if p.name != CARD_FILE or p.parent != folder]
+    operations = [
+        CommitOperationAdd(str(p.relative_to(folder)), str(p))
+        for p in files
+        if p.name != CARD_FILE or p.parent != folder
+    ]
     readme = folder / CARD_FILE
     if repo_type != "model" or (readme.is_file() and readme_was_edited(folder) and not replace_readme):
         if readme.is_file():
@@ -77,20 +81,26 @@ def _with_retries(call, retries: int, again: str):
         except HfHubHTTPError as err:
             status = err.response.status_code if err.response is not None else None
             if status == 401:
-                raise PermissionError("the Hub refused the token (401): pass a valid write token with --token or "
-                                      "HF_TOKEN, or log in with `hf auth login`") from None
+                raise PermissionError(
+                    "the Hub refused the token (401): pass a valid write token with --token or "
+                    "HF_TOKEN, or log in with `hf auth login`"
+                ) from None
             if status == 403:
-                raise PermissionError(f"this token may not write there (403): {_server_message(err)}; "
-                                      "push to your own namespace or an organisation you belong to") from None
+                raise PermissionError(
+                    f"this token may not write there (403): {_server_message(err)}; "
+                    "push to your own namespace or an organisation you belong to"
+                ) from None
             if status is not None and status < 500 and status != 429:
                 raise ValueError(f"the Hub refused the push ({status}): {_server_message(err)}") from None
             failure = f"HTTP {status}"
         except _transport_errors() as err:
             failure = type(err).__name__
         if attempt == retries:
-            raise ConnectionError(f"the push failed after {retries + 1} attempts ({failure}); the local folder "
-                                  f"is unchanged: run `{again}` again") from None
-        delay = min(2 ** attempt, 30)
+            raise ConnectionError(
+                f"the push failed after {retries + 1} attempts ({failure}); the local folder "
+                f"is unchanged: run `{again}` again"
+            ) from None
+        delay = min(2**attempt, 30)
         logger.warning("push attempt %d failed (%s); retrying in %d s", attempt + 1, failure, delay)
         time.sleep(delay)
 
@@ -102,7 +112,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
     for module in ("httpx2", "httpx", "requests"):
         try:
-            errors.append(getattr(importlib.import_module(module), "TransportError" if "httpx" in module else "ConnectionError"))
+            errors.append(
+                getattr(importlib.import_module(module), "TransportError" if "httpx" in module else "ConnectionError")
+            )
         except (ImportError, AttributeError):
             continue
     return tuple(errors)

@@ -28,19 +28,24 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, protect: tu
         if target == folder:
             raise ValueError(f"output folder {out} is the source model's folder; choose another --out")
         if folder in target.parents:
-            raise ValueError(f"output folder {out} lies inside the source model's folder {source}; "
-                             "choose an --out outside it")
+            raise ValueError(
+                f"output folder {out} lies inside the source model's folder {source}; choose an --out outside it"
+            )
         if target in folder.parents:
-            raise ValueError(f"output folder {out} contains the source model's folder {source}, which replacing "
-                             "it would delete; choose another --out")
+            raise ValueError(
+                f"output folder {out} contains the source model's folder {source}, which replacing "
+                "it would delete; choose another --out"
+            )
     if out.exists() and not overwrite:
         raise FileExistsError(f"output folder {out} already exists; choose another one or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and not _written_by_hubprune(out):
-        raise FileExistsError(f"{out} was not written by hubprune (it has files but no {RECORD_FILE}), and "
-                              "--overwrite only replaces hubprune's own outputs; choose another --out, or move "
-                              "that folder away yourself")
+        raise FileExistsError(
+            f"{out} was not written by hubprune (it has files but no {RECORD_FILE}), and "
+            "--overwrite only replaces hubprune's own outputs; choose another --out, or move "
+            "that folder away yourself"
+        )
     return out
 
 

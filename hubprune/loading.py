@@ -72,7 +72,9 @@ def resolve_device(device: str) -> torch.device:
 
 def cache_dir() -> Path:
     """Where hubprune keeps converted models: $HUBPRUNE_CACHE or ~/.cache/hubprune."""
-    root = os.environ.get("HUBPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubprune"
+    root = (
+        os.environ.get("HUBPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hubprune"
+    )
     return Path(root)
 
 
@@ -105,8 +107,11 @@ def local_folder(folder: str, origin: ModelOrigin) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "tokenizer*"]
-    return Path(snapshot_download(folder, revision=origin.revision, allow_patterns=patterns,
-                                  local_files_only=not hub_reachable()))
+    return Path(
+        snapshot_download(
+            folder, revision=origin.revision, allow_patterns=patterns, local_files_only=not hub_reachable()
+        )
+    )
 
 
 def locate(source, *, revision=None, gguf_file=None, trust_remote_code=False) -> tuple[str, ModelOrigin]:
@@ -125,9 +130,13 @@ def locate(source, *, revision=None, gguf_file=None, trust_remote_code=False) ->
             raise ValueError(f"{path} is a file; give a transformers model folder, a .gguf file or a Hub id")
         _check_local_folder(path)
         check_causal_lm(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
-        return str(path), ModelOrigin(str(path.resolve()), None, "local", str(path.resolve()), card=_readme_card(path / "README.md"))
+        return str(path), ModelOrigin(
+            str(path.resolve()), None, "local", str(path.resolve()), card=_readme_card(path / "README.md")
+        )
     if _looks_like_path(source):
-        raise FileNotFoundError(f"{source} does not exist; give an existing folder, a .gguf file or a Hub id (org/name)")
+        raise FileNotFoundError(
+            f"{source} does not exist; give an existing folder, a .gguf file or a Hub id (org/name)"
+        )
     return _locate_hub(source, revision, trust_remote_code)
 
 
@@ -281,7 +290,9 @@ def _gguf_card(path: Path) -> dict:
 
 def _check_local_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; give a transformers model folder, a .gguf file or a Hub id")
+        raise FileNotFoundError(
+            f"{path} has no config.json; give a transformers model folder, a .gguf file or a Hub id"
+        )
     names = {p.name for p in path.iterdir()}
     if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
         has_bin = any(n.endswith(".bin") or n.endswith(".pt") for n in names)
@@ -307,7 +318,12 @@ def _version(distribution: str) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or os.sep in source.replace("/", "") or source.endswith(".gguf")
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or os.sep in source.replace("/", "")
+        or source.endswith(".gguf")
+    )
 
 
 def _sha256_prefix(path: Path) -> str:

@@ -58,8 +58,10 @@ def merge_adapter_into_checkpoint(
     """
     folder = Path(folder)
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a transformers checkpoint folder (no config.json); "
-                                "give the folder the adapter was trained on")
+        raise FileNotFoundError(
+            f"{folder} is not a transformers checkpoint folder (no config.json); "
+            "give the folder the adapter was trained on"
+        )
     state, config = _load_adapter(adapter, lora_config)
     plan = _plan(folder, state, config)  # shard -> {tensor name: (B, A) factors}, every target checked
     sizes = {shard: (folder / shard).stat().st_size for shard in plan}
@@ -93,29 +95,43 @@ def _load_adapter(adapter, lora_config) -> tuple[dict[str, torch.Tensor], dict]:
     # -> (peft state dict, LoRA settings as a dict), refusing what this merge cannot do.
     if isinstance(adapter, Mapping):
         if lora_config is None:
-            raise ValueError("an adapter state dict needs lora_config= (the peft LoraConfig it was trained with); "
-                             "or pass the adapter folder peft saved")
+            raise ValueError(
+                "an adapter state dict needs lora_config= (the peft LoraConfig it was trained with); "
+                "or pass the adapter folder peft saved"
+            )
         state = dict(adapter)
         config = lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config)
     else:
         path = Path(adapter)
         if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; give a folder written "
-                                    "by peft's save_pretrained (or the adapter's state dict with lora_config=)")
+            raise FileNotFoundError(
+                f"{path} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}; give a folder written "
+                "by peft's save_pretrained (or the adapter's state dict with lora_config=)"
+            )
         from safetensors.torch import load_file
 
         state, config = load_file(path / ADAPTER_WEIGHTS), json.loads((path / ADAPTER_CONFIG).read_text())
     peft_type = str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1]
     if peft_type != "LORA":
         raise ValueError(f"the adapter is of type {peft_type}; only LoRA adapters can be merged at file level")
-    for key, wrong in (("use_dora", True), ("lora_bias", True), ("rank_pattern", None), ("alpha_pattern", None),
-                       ("modules_to_save", None), ("layer_replication", None)):
+    for key, wrong in (
+        ("use_dora", True),
+        ("lora_bias", True),
+        ("rank_pattern", None),
+        ("alpha_pattern", None),
+        ("modules_to_save", None),
+        ("layer_replication", None),
+    ):
         if config.get(key) and (wrong is None or config[key] == wrong):
-            raise ValueError(f"the adapter uses {key}={config[key]!r}, which the file-level merge does not "
-                             "support; merge it in memory (peft's merge_and_unload), or train without it")
+            raise ValueError(
+                f"the adapter uses {key}={config[key]!r}, which the file-level merge does not "
+                "support; merge it in memory (peft's merge_and_unload), or train without it"
+            )
     if config.get("bias", "none") != "none":
-        raise ValueError(f"the adapter trains biases (bias={config['bias']!r}); the file-level merge needs "
-                         "bias='none'; merge it in memory with peft's merge_and_unload instead")
+        raise ValueError(
+            f"the adapter trains biases (bias={config['bias']!r}); the file-level merge needs "
+            "bias='none'; merge it in memory with peft's merge_and_unload instead"
+        )
     for key in ("r", "lora_alpha"):
         if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise ValueError(f"lora_config.{key} must be a positive number, got {config.get(key)!r}")
@@ -126,8 +142,10 @@ def _plan(folder: Path, state: dict[str, torch.Tensor], config: dict) -> dict[st
     # Pair each lora_A with its lora_B and the checkpoint tensor they change; check names and shapes.
     unknown = sorted(k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight")))
     if unknown:
-        raise ValueError(f"the adapter holds tensors other than LoRA A/B matrices ({unknown[0]}, ...); "
-                         "only plain LoRA on linear layers can be merged at file level")
+        raise ValueError(
+            f"the adapter holds tensors other than LoRA A/B matrices ({unknown[0]}, ...); "
+            "only plain LoRA on linear layers can be merged at file level"
+        )
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     factors = {}
@@ -136,7 +154,7 @@ def _plan(folder: Path, state: dict[str, torch.Tensor], config: dict) -> dict[st
         b = state.get(module + ".lora_B.weight")
         if b is None:
             raise ValueError(f"the adapter has {key} but no matching lora_B; the adapter file is incomplete")
-        name = (module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module) + ".weight"
+        name = (module[len(_PEFT_PREFIX) :] if module.startswith(_PEFT_PREFIX) else module) + ".weight"
         factors[name] = (b, state[key])
     if not factors:
         raise ValueError("the adapter holds no LoRA weights (no *.lora_A.weight tensors)")
@@ -147,14 +165,18 @@ def _plan(folder: Path, state: dict[str, torch.Tensor], config: dict) -> dict[st
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for name, (b, a) in factors.items():
         if name not in where:
-            raise ValueError(f"the adapter changes {name}, which the checkpoint in {folder} does not hold: the adapter "
-                             "was made for another model (or targets a tied weight stored under another name)")
+            raise ValueError(
+                f"the adapter changes {name}, which the checkpoint in {folder} does not hold: the adapter "
+                "was made for another model (or targets a tied weight stored under another name)"
+            )
         info = headers[where[name]][name]
         expected = [a.shape[1], b.shape[0]] if fan_in_fan_out else [b.shape[0], a.shape[1]]
         if info["dtype"] not in _DTYPES or info["shape"] != expected or a.shape[0] != b.shape[1]:
-            raise ValueError(f"the adapter does not fit {name}: the checkpoint stores {info['dtype']} "
-                             f"{info['shape']}, the adapter's B @ A is {expected} (rank {a.shape[0]}); the adapter "
-                             f"was made for another model (only {', '.join(_DTYPES)} weights can be merged)")
+            raise ValueError(
+                f"the adapter does not fit {name}: the checkpoint stores {info['dtype']} "
+                f"{info['shape']}, the adapter's B @ A is {expected} (rank {a.shape[0]}); the adapter "
+                f"was made for another model (only {', '.join(_DTYPES)} weights can be merged)"
+            )
         left, right = (a.t(), b.t()) if fan_in_fan_out else (b, a)  # delta = left @ right, rows of W
         plan[where[name]][name] = (left.float(), right.float(), scaling, info)
     return plan
@@ -163,8 +185,10 @@ def _plan(folder: Path, state: dict[str, torch.Tensor], config: dict) -> dict[st
 def _merge_shard(src: Path, dst: Path, targets: dict[str, tuple], progress: Callable[[int], None]) -> None:
     # Bytes between merged tensors (the header included) are copied as they are.
     _, start = read_header(src)
-    spans = sorted((start + info["data_offsets"][0], start + info["data_offsets"][1], name)
-                   for name, (*_, info) in targets.items())
+    spans = sorted(
+        (start + info["data_offsets"][0], start + info["data_offsets"][1], name)
+        for name, (*_, info) in targets.items()
+    )
     with src.open("rb") as f_in, dst.open("wb", buffering=0) as f_out:  # unbuffered: copy_file_range shares the fd
         position = 0
         for begin, end, name in spans:
@@ -192,4 +216,4 @@ def _write_merged(f_in, f_out, offset: int, target: tuple) -> None:
         w.addmm_(left[i:j], right, alpha=scaling)
         data = memoryview(w.to(dtype).view(torch.uint8).numpy()).cast("B")
         while data:  # a raw write may be partial
-            data = data[f_out.write(data):]
+            data = data[f_out.write(data) :]

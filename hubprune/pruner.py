@@ -18,11 +18,20 @@ from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe, replayable
 from hubprune.families import decoder_layers
 from hubprune.io import atomic_output
-from hubprune.loading import (DEFAULT_MODEL, ModelOrigin, load_located, load_model, local_folder, locate, num_layers_of,
-                              resolve_device, resolve_dtype)
-from hubprune.streamscan import fits_in_memory
+from hubprune.loading import (
+    DEFAULT_MODEL,
+    ModelOrigin,
+    load_located,
+    load_model,
+    local_folder,
+    locate,
+    num_layers_of,
+    resolve_device,
+    resolve_dtype,
+)
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
+from hubprune.streamscan import fits_in_memory
 from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
 
 logger = logging.getLogger(__name__)
@@ -39,8 +48,14 @@ class LayerPruner:
         pruned.save_pretrained("out/smollm2-24l")
     """
 
-    def __init__(self, model, tokenizer, origin: ModelOrigin, load_options: dict[str, Any] | None = None,
-                 folder: Path | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        origin: ModelOrigin,
+        load_options: dict[str, Any] | None = None,
+        folder: Path | None = None,
+    ):
         self.model = model  # None when streaming: the weights stay in their shards
         self.tokenizer = tokenizer
         self.origin = origin
@@ -77,8 +92,13 @@ class LayerPruner:
 
         if streaming not in (True, False, "auto"):
             raise ValueError(f"streaming must be True, False or 'auto', got {streaming!r}")
-        options = {"revision": revision, "gguf_file": gguf_file, "dtype": dtype, "device": device,
-                   "trust_remote_code": trust_remote_code}
+        options = {
+            "revision": revision,
+            "gguf_file": gguf_file,
+            "dtype": dtype,
+            "device": device,
+            "trust_remote_code": trust_remote_code,
+        }
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         found, origin = locate(source, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         folder = local_folder(found, origin) if streaming is not False else None
@@ -122,17 +142,25 @@ class LayerPruner:
         windows = calibration_windows(self.tokenizer, calibration, config)
         if self.streaming:
             if loss_block_sizes:
-                raise ValueError("the perplexity criterion needs the model in memory; use streaming=False, "
-                                 "or an angular or block_influence metric")
+                raise ValueError(
+                    "the perplexity criterion needs the model in memory; use streaming=False, "
+                    "or an angular or block_influence metric"
+                )
             from hubprune.streamscan import streamed_scan
 
             dtype = resolve_dtype(self.load_options.get("dtype", "float32"))
-            result = streamed_scan(self.folder, windows, dtype=dtype if dtype != "auto" else torch.float32,
-                                   device=resolve_device(self.load_options.get("device", "auto")),
-                                   progress=progress, name=self.origin.base_model)
+            result = streamed_scan(
+                self.folder,
+                windows,
+                dtype=dtype if dtype != "auto" else torch.float32,
+                device=resolve_device(self.load_options.get("device", "auto")),
+                progress=progress,
+                name=self.origin.base_model,
+            )
         else:
-            result = scan_model(self.model, windows, batch_size=config.batch_size, progress=progress,
-                                name=self.origin.base_model)
+            result = scan_model(
+                self.model, windows, batch_size=config.batch_size, progress=progress, name=self.origin.base_model
+            )
         for n in loss_block_sizes:
             result.perplexity[n] = loss_scan(self.model, windows, n, batch_size=config.batch_size, progress=progress)
         self.scan_result, self._windows = result, windows
@@ -168,11 +196,22 @@ class LayerPruner:
             removed = self.scan_result.choose(n, metric)
         pruned = None if self.streaming else drop_layers(self.model, removed)
         record = self._record(pruned, removed, "explicit" if layers is not None else metric)
-        recipe = Recipe(model=self.origin.base_model, prune=config, calibration=self.calibration or CalibrationConfig(),
-                        streaming=self.streaming or "auto",
-                        **{k: v for k, v in self.load_options.items() if k != "gguf_file" or self.origin.kind != "gguf"})
-        return PrunedModel(pruned, self.tokenizer, record, recipe, self.scan_result, base=self.model,
-                           source_folder=self.folder if self.streaming else None)
+        recipe = Recipe(
+            model=self.origin.base_model,
+            prune=config,
+            calibration=self.calibration or CalibrationConfig(),
+            streaming=self.streaming or "auto",
+            **{k: v for k, v in self.load_options.items() if k != "gguf_file" or self.origin.kind != "gguf"},
+        )
+        return PrunedModel(
+            pruned,
+            self.tokenizer,
+            record,
+            recipe,
+            self.scan_result,
+            base=self.model,
+            source_folder=self.folder if self.streaming else None,
+        )
 
     def _record(self, pruned, removed: list[int], metric: str) -> PruneRecord:
         from hubprune import __version__
@@ -181,7 +220,11 @@ class LayerPruner:
         if self.scan_result is not None and metric != "explicit":
             n = len(removed)
             values = self.scan_result.scores(metric, n)
-            scores = {"block_size": n, "values": values, "chosen": [values[i] for i in removed] if metric == "block_influence" else values[removed[0]]}
+            scores = {
+                "block_size": n,
+                "values": values,
+                "chosen": [values[i] for i in removed] if metric == "block_influence" else values[removed[0]],
+            }
         if self.streaming:
             from hubprune.filesurgery import count_checkpoint_parameters
 
@@ -189,8 +232,9 @@ class LayerPruner:
             config_updates = ["num_hidden_layers"]
         else:
             before, after = count_parameters(self.model), count_parameters(pruned)
-            config_updates = sorted(k for k, v in pruned.config.to_dict().items()
-                                    if v != self.model.config.to_dict().get(k))
+            config_updates = sorted(
+                k for k, v in pruned.config.to_dict().items() if v != self.model.config.to_dict().get(k)
+            )
         return PruneRecord(
             base_model=self.origin.base_model,
             base_revision=self.origin.revision,
@@ -215,8 +259,17 @@ class PrunedModel:
     ``base`` is the unpruned original when it is in memory (the teacher for distillation).
     """
 
-    def __init__(self, model, tokenizer, record: PruneRecord, recipe: Recipe, scan: ScanResult | None = None,
-                 base=None, adapter_dir: str | None = None, source_folder: Path | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        record: PruneRecord,
+        recipe: Recipe,
+        scan: ScanResult | None = None,
+        base=None,
+        adapter_dir: str | None = None,
+        source_folder: Path | None = None,
+    ):
         self.model = model  # None for a streamed pruner's result: saving cuts the source shards
         self.source_folder = source_folder
         self.tokenizer = tokenizer
@@ -228,7 +281,9 @@ class PrunedModel:
         self.adapter_dir = adapter_dir
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: str = "float32", device: str = "auto") -> PrunedModel:
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, dtype: str = "float32", device: str = "auto"
+    ) -> PrunedModel:
         """Load a folder written by ``save_pretrained`` (model, tokenizer, record, recipe, scan)."""
         from hubprune.record import RECORD_FILE
 
@@ -242,9 +297,17 @@ class PrunedModel:
         adapter = folder / "adapter"
         return cls(model, tokenizer, record, recipe, scan, adapter_dir=str(adapter) if adapter.is_dir() else None)
 
-    def heal(self, config: HealConfig | None = None, *, data: Any = None, eval_texts: list[str] | None = None,
-             teacher=None, checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-             **options: Any) -> PrunedModel:
+    def heal(
+        self,
+        config: HealConfig | None = None,
+        *,
+        data: Any = None,
+        eval_texts: list[str] | None = None,
+        teacher=None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> PrunedModel:
         """A healed copy: LoRA on the kept layers (plus distillation from the original if ``distill`` > 0).
 
         ``options`` override fields of ``config`` (``steps=300, distill=0.5``, ...). This
@@ -253,25 +316,36 @@ class PrunedModel:
         from hubprune.heal import heal_model
 
         if self.model is None:
-            raise ValueError("this model was pruned at file level and is not in memory: save it, then heal the "
-                             "saved folder (hubprune heal OUT --out HEALED, with --method qlora for big models)")
+            raise ValueError(
+                "this model was pruned at file level and is not in memory: save it, then heal the "
+                "saved folder (hubprune heal OUT --out HEALED, with --method qlora for big models)"
+            )
         config = replace(config or HealConfig(), **options)
         teacher = teacher if teacher is not None else self.base
         student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
         adapter_dir = healed._adapter.name if config.keep_adapter else None
-        model, report = heal_model(student, self.tokenizer, config, teacher=teacher, data=data, eval_texts=eval_texts,
-                                   checkpoint_dir=checkpoint_dir, adapter_dir=adapter_dir,
-                                   removed=self.record.removed_layers, progress=progress)
+        model, report = heal_model(
+            student,
+            self.tokenizer,
+            config,
+            teacher=teacher,
+            data=data,
+            eval_texts=eval_texts,
+            checkpoint_dir=checkpoint_dir,
+            adapter_dir=adapter_dir,
+            removed=self.record.removed_layers,
+            progress=progress,
+        )
         healed.model, healed.adapter_dir = model, adapter_dir
-        healed.record = replace(self.record, healing=report.to_dict(),
-                                parameters_after=count_parameters(model))
+        healed.record = replace(self.record, healing=report.to_dict(), parameters_after=count_parameters(model))
         if self.recipe is not None:
             healed.recipe = replace(self.recipe, heal=replace(config, data=replayable(data, config.data, None)))
         return healed
 
     def save_pretrained(self, out: str | os.PathLike, *, overwrite: bool = False, plot: bool = True) -> Path:
         """Write weights (safetensors), config, tokenizer, record, recipe and scan to ``out``, atomically."""
+
         def extras(tmp: Path) -> None:
             self.record.save(tmp)
             if self.recipe is not None:
@@ -297,8 +371,15 @@ class PrunedModel:
         logger.info("saved the pruned model to %s", out)
         return Path(out)
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    create_pr: bool = False, commit_message: str | None = None):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ):
         """Save to a temporary folder and publish it to ``repo_id`` in one commit (see ``hubprune.hub``).
 
         Example: ``pruned.push_to_hub("me/smollm2-24l", private=True)``
@@ -307,14 +388,18 @@ class PrunedModel:
 
         with tempfile.TemporaryDirectory(prefix="hubprune-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.rsplit("/", 1)[-1])
-            return push_folder(folder, repo_id, private=private, token=token, create_pr=create_pr,
-                               commit_message=commit_message)
+            return push_folder(
+                folder, repo_id, private=private, token=token, create_pr=create_pr, commit_message=commit_message
+            )
 
     def __repr__(self) -> str:
         r = self.record
         healed = f", healed ({r.healing['method']}, {r.healing['steps']} steps)" if r.healing else ""
-        return (f"PrunedModel({r.base_model}: {r.base_num_layers} -> {r.num_layers} layers, "
-                f"removed {r.removed_layers}, {r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters{healed})")
+        return (
+            f"PrunedModel({r.base_model}: {r.base_num_layers} -> {r.num_layers} layers, "
+            f"removed {r.removed_layers}, {r.parameters_before / 1e6:.1f}M -> "
+            f"{r.parameters_after / 1e6:.1f}M parameters{healed})"
+        )
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, Path | None]:
@@ -329,11 +414,17 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         local = recipe.model if Path(recipe.model).expanduser().exists() else ""
         check_output(recipe.output, overwrite=recipe.overwrite, protect=(local,))
     p = recipe.prune
-    load_options = {"revision": recipe.revision, "gguf_file": recipe.gguf_file, "dtype": recipe.dtype,
-                    "device": recipe.device, "trust_remote_code": recipe.trust_remote_code}
+    load_options = {
+        "revision": recipe.revision,
+        "gguf_file": recipe.gguf_file,
+        "dtype": recipe.dtype,
+        "device": recipe.device,
+        "trust_remote_code": recipe.trust_remote_code,
+    }
     resolve_dtype(recipe.dtype), resolve_device(recipe.device)
-    folder, _ = locate(recipe.model, revision=recipe.revision, gguf_file=recipe.gguf_file,
-                       trust_remote_code=recipe.trust_remote_code)
+    folder, _ = locate(
+        recipe.model, revision=recipe.revision, gguf_file=recipe.gguf_file, trust_remote_code=recipe.trust_remote_code
+    )
     num_layers = num_layers_of(folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code)
     if p.max_quality_loss is None:
         p.count(num_layers)
@@ -348,8 +439,12 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         from hubprune.sweep import largest_drop_within
 
         n, points = largest_drop_within(pruner, p.max_quality_loss, p.metric, quality=p.quality, progress=progress)
-        budget = {"max_quality_loss": p.max_quality_loss, "quality": p.quality, "chosen": n,
-                  "measured": [{"n_layers": q.n_layers, "quality": q.quality, "perplexity": q.perplexity} for q in points]}
+        budget = {
+            "max_quality_loss": p.max_quality_loss,
+            "quality": p.quality,
+            "chosen": n,
+            "measured": [{"n_layers": q.n_layers, "quality": q.quality, "perplexity": q.perplexity} for q in points],
+        }
         pruned = pruner.prune(n, metric=p.metric, progress=progress)
         pruned.record.scores["budget"] = budget
     else:
@@ -358,8 +453,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     if recipe.heal is not None:
         from hubprune.evaluate import heldout_texts
 
-        pruned = pruned.heal(recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout_texts(),
-                             progress=progress)
+        pruned = pruned.heal(
+            recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout_texts(), progress=progress
+        )
     if recipe.output is None:
         return pruned, None
     out = pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)

@@ -61,8 +61,10 @@ def heal_checkpoint(
 
     folder = Path(folder)
     if config.method != "qlora":
-        raise ValueError(f"heal_checkpoint trains QLoRA on a 4-bit load; got heal.method {config.method!r}: set "
-                         "method='qlora', or load the folder with PrunedModel.from_pretrained and call .heal()")
+        raise ValueError(
+            f"heal_checkpoint trains QLoRA on a 4-bit load; got heal.method {config.method!r}: set "
+            "method='qlora', or load the folder with PrunedModel.from_pretrained and call .heal()"
+        )
     if not (folder / RECORD_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: give a folder written by hubprune prune")
     check_output(out, overwrite=overwrite, protect=(str(folder),))
@@ -74,8 +76,17 @@ def heal_checkpoint(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     student = load_4bit(folder, torch_device)
     with tempfile.TemporaryDirectory(prefix="hubprune-qlora-adapter-") as adapter:
-        _, report = heal_model(student, tokenizer, config, teacher=teacher, data=data, eval_texts=eval_texts,
-                               checkpoint_dir=checkpoint_dir, adapter_dir=adapter, progress=progress)
+        _, report = heal_model(
+            student,
+            tokenizer,
+            config,
+            teacher=teacher,
+            data=data,
+            eval_texts=eval_texts,
+            checkpoint_dir=checkpoint_dir,
+            adapter_dir=adapter,
+            progress=progress,
+        )
         del student, teacher  # free the device before the merge (which runs on the CPU)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -92,8 +103,9 @@ def heal_checkpoint(
             if config.keep_adapter:
                 shutil.copytree(adapter, tmp / "adapter")
 
-        merge_adapter_into_checkpoint(folder, adapter, out, healing=report.to_dict(), overwrite=overwrite,
-                                      progress=progress, finish=finish)
+        merge_adapter_into_checkpoint(
+            folder, adapter, out, healing=report.to_dict(), overwrite=overwrite, progress=progress, finish=finish
+        )
     return Path(out), report
 
 

@@ -74,8 +74,16 @@ def can_refit(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def refit_gaps(model: nn.Module, original: nn.Module, removed: list[int], windows: torch.Tensor, *,
-               ridge: float = 1e-3, batch_size: int = 8, progress: bool = True) -> RefitReport:
+def refit_gaps(
+    model: nn.Module,
+    original: nn.Module,
+    removed: list[int],
+    windows: torch.Tensor,
+    *,
+    ridge: float = 1e-3,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RefitReport:
     """Refit, in place, the MLP output projection of ``model``'s last kept layer before each gap.
 
     ``model`` is ``original`` without the 0-based layers ``removed`` (its own weights for the
@@ -87,16 +95,20 @@ def refit_gaps(model: nn.Module, original: nn.Module, removed: list[int], window
     """
     family = family_of(model)
     if family.mlp_out is None:
-        raise ValueError(f"{family.name} normalises its MLP output before adding it to the residual stream, so the "
-                         "layer before a gap cannot be refit in closed form; heal it without refit (refit: false)")
+        raise ValueError(
+            f"{family.name} normalises its MLP output before adding it to the residual stream, so the "
+            "layer before a gap cannot be refit in closed form; heal it without refit (refit: false)"
+        )
     if ridge <= 0:
         raise ValueError(f"ridge must be positive (it keeps the fit near the original weights), got {ridge}")
     num_layers = len(decoder_layers(original))
     gone = set(removed)
     kept = [i for i in range(num_layers) if i not in gone]
     if len(decoder_layers(model)) != len(kept):
-        raise ValueError(f"the pruned model has {len(decoder_layers(model))} layers, but removing {sorted(removed)} "
-                         f"from the original's {num_layers} leaves {len(kept)}")
+        raise ValueError(
+            f"the pruned model has {len(decoder_layers(model))} layers, but removing {sorted(removed)} "
+            f"from the original's {num_layers} leaves {len(kept)}"
+        )
     report = RefitReport(ridge=ridge)
     started = time.perf_counter()
     gaps = [(start, end) for start, end in gaps_of(removed, num_layers) if start > 0]
@@ -107,11 +119,25 @@ def refit_gaps(model: nn.Module, original: nn.Module, removed: list[int], window
         stats = _fit_statistics(model, layer_index, targets, windows, batch_size, bar)
         projection = get_module(decoder_layers(model)[layer_index], family.mlp_out)
         before, after = _solve_into(projection, *stats, ridge)
-        report.gaps.append({"removed": [start, end], "refit_layer": layer_index, "original_layer": start - 1,
-                            "module": family.mlp_out, "relative_error_before": before,
-                            "relative_error_after": after})
-        logger.info("refit layer %d (original %d) for the gap [%d, %d): relative error %.3f -> %.3f",
-                    layer_index, start - 1, start, end, before, after)
+        report.gaps.append(
+            {
+                "removed": [start, end],
+                "refit_layer": layer_index,
+                "original_layer": start - 1,
+                "module": family.mlp_out,
+                "relative_error_before": before,
+                "relative_error_after": after,
+            }
+        )
+        logger.info(
+            "refit layer %d (original %d) for the gap [%d, %d): relative error %.3f -> %.3f",
+            layer_index,
+            start - 1,
+            start,
+            end,
+            before,
+            after,
+        )
     bar.close()
     report.tokens = int(windows.numel())
     report.seconds = round(time.perf_counter() - started, 1)
@@ -126,10 +152,10 @@ def _run_until(model: nn.Module, attach, windows: torch.Tensor, batch_size: int,
     try:
         for start in range(0, len(windows), batch_size):
             try:
-                model.base_model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
+                model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
             except _Stop:
                 pass
-            bar.update(len(windows[start:start + batch_size]))
+            bar.update(len(windows[start : start + batch_size]))
     finally:
         handle.remove()
 
@@ -145,15 +171,17 @@ def _states_entering(original: nn.Module, index: int, windows: torch.Tensor, bat
 
     if index < len(layers):
         attach = lambda: layers[index].register_forward_pre_hook(  # noqa: E731
-            lambda module, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+            lambda module, args, kwargs: keep(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
     else:
         attach = lambda: final_hidden_hook(original, keep)  # noqa: E731
     _run_until(original, attach, windows, batch_size, bar)
     return torch.cat(captured)
 
 
-def _fit_statistics(model: nn.Module, layer_index: int, targets: torch.Tensor, windows: torch.Tensor,
-                    batch_size: int, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _fit_statistics(
+    model: nn.Module, layer_index: int, targets: torch.Tensor, windows: torch.Tensor, batch_size: int, bar
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sums over tokens, in float64, of [a, 1]^T [a, 1], [a, 1]^T R and ||R||^2, with R = target - y."""
     layer = decoder_layers(model)[layer_index]
     projection = get_module(layer, family_of(model).mlp_out)
@@ -170,7 +198,7 @@ def _fit_statistics(model: nn.Module, layer_index: int, targets: torch.Tensor, w
         a = grab["features"].flatten(0, 1).double().cpu()
         a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)  # the constant feature carries a bias
         y = out.flatten(0, 1).double().cpu() - grab["mlp_out"].flatten(0, 1).double().cpu()
-        residual = targets[cursor:cursor + len(a)].double() - y  # what the MLP output should be
+        residual = targets[cursor : cursor + len(a)].double() - y  # what the MLP output should be
         cursor += len(a)
         for name, value in (("AtA", a.T @ a), ("AtR", a.T @ residual), ("norm", residual.pow(2).sum())):
             sums[name] = sums[name] + value if name in sums else value
@@ -184,8 +212,9 @@ def _fit_statistics(model: nn.Module, layer_index: int, targets: torch.Tensor, w
     return sums["AtA"], sums["AtR"], float(sums["norm"])
 
 
-def _solve_into(projection: nn.Module, AtA: torch.Tensor, AtR: torch.Tensor, norm: float,
-                ridge: float) -> tuple[float, float]:
+def _solve_into(
+    projection: nn.Module, AtA: torch.Tensor, AtR: torch.Tensor, norm: float, ridge: float
+) -> tuple[float, float]:
     """Solve the ridge problem toward the current weights, write the solution into ``projection``,
     and return the relative fit error ||R - [a, 1] X||^2 / ||R||^2 before and after."""
     weight, bias = _as_in_out(projection)  # [in, out], [out] (zeros where there is no bias)
@@ -218,9 +247,13 @@ def _as_in_out(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _write_in_out(projection: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     target = projection.weight
     new = weight if _is_conv1d(projection) else weight.T
-    projection.weight = nn.Parameter(new.to(target.dtype).to(target.device).contiguous(), requires_grad=target.requires_grad)
+    projection.weight = nn.Parameter(
+        new.to(target.dtype).to(target.device).contiguous(), requires_grad=target.requires_grad
+    )
     if projection_has_bias(projection):
-        projection.bias = nn.Parameter(bias.to(target.dtype).to(target.device), requires_grad=projection.bias.requires_grad)
+        projection.bias = nn.Parameter(
+            bias.to(target.dtype).to(target.device), requires_grad=projection.bias.requires_grad
+        )
 
 
 def _is_conv1d(projection: nn.Module) -> bool:

@@ -64,7 +64,10 @@ class ScanResult:
     def scores(self, metric: str, n: int) -> list[float]:
         """The score of every start l for blocks of n layers (BI: of every single layer)."""
         if not 1 <= n < self.num_layers:
-            raise ValueError(f"block size {n} is out of range: this model has {self.num_layers} layers; use 1 to {self.num_layers - 1}")
+            raise ValueError(
+                f"block size {n} is out of range: this model has {self.num_layers} layers; "
+                f"use 1 to {self.num_layers - 1}"
+            )
         if metric == "block_influence":
             return list(self.block_influence)
         if metric == "perplexity":
@@ -109,7 +112,8 @@ class ScanResult:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"{self.model}: {self.num_layers} layers, {self.calibration.get('tokens', '?')} calibration tokens\n{self.table()}"
+        tokens = self.calibration.get("tokens", "?")
+        return f"{self.model}: {self.num_layers} layers, {tokens} calibration tokens\n{self.table()}"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -149,8 +153,9 @@ class ScanResult:
         if metric == "block_influence":
             grid = np.array([self.block_influence])
         fig, ax = plt.subplots(figsize=(max(6, L * 0.28), max(4, (grid.shape[0]) * 0.22 + 1.5)))
-        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
-                          extent=(-0.5, L - 0.5, 0.5, grid.shape[0] + 0.5))
+        image = ax.imshow(
+            grid, origin="lower", aspect="auto", cmap="viridis", extent=(-0.5, L - 0.5, 0.5, grid.shape[0] + 0.5)
+        )
         if metric != "block_influence":
             for n in range(1, L):
                 row = grid[n - 1]
@@ -204,18 +209,25 @@ class PairStats:
         return ScanResult(
             model=name,
             num_layers=L,
-            angular_last=[[mean_last[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
-            angular_all=[[mean_all[l, l + n].item() for l in range(L - n + 1)] for n in range(1, L)],
+            angular_last=[[mean_last[i, i + n].item() for i in range(L - n + 1)] for n in range(1, L)],
+            angular_all=[[mean_all[i, i + n].item() for i in range(L - n + 1)] for n in range(1, L)],
             block_influence=(1 - self.cos_next / self.tokens).tolist(),
-            calibration={"source": windows.source, "windows": len(windows.ids), "seq_len": windows.ids.size(1),
-                         "tokens": windows.num_tokens, "fingerprint": windows.fingerprint()},
+            calibration={
+                "source": windows.source,
+                "windows": len(windows.ids),
+                "seq_len": windows.ids.size(1),
+                "tokens": windows.num_tokens,
+                "fingerprint": windows.fingerprint(),
+            },
             seconds=round(seconds, 3),
             hubprune_version=__version__,
         )
 
 
 @torch.no_grad()
-def scan_model(model, windows: TokenWindows, *, batch_size: int = 4, progress: bool = True, name: str = "") -> ScanResult:
+def scan_model(
+    model, windows: TokenWindows, *, batch_size: int = 4, progress: bool = True, name: str = ""
+) -> ScanResult:
     """Angular distances for every block and block influence per layer, from one pass.
 
     Example: ``scan_model(model, calibration_windows(tokenizer)).choose(4)``

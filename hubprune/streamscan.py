@@ -30,9 +30,18 @@ from hubprune.scan import PairStats, ScanResult
 
 logger = logging.getLogger(__name__)
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
@@ -41,8 +50,9 @@ def checkpoint_bytes(folder: str | Path) -> int:
     return sum((folder / shard).stat().st_size for shard in shard_files(folder))
 
 
-def fits_in_memory(folder: str | Path, dtype: torch.dtype | str = "auto", device: torch.device | None = None,
-                   headroom: float = 0.6) -> bool:
+def fits_in_memory(
+    folder: str | Path, dtype: torch.dtype | str = "auto", device: torch.device | None = None, headroom: float = 0.6
+) -> bool:
     """Whether loading the checkpoint at ``dtype`` (plus working room) fits in free RAM or GPU memory."""
     size = checkpoint_bytes(folder)
     if isinstance(dtype, torch.dtype):
@@ -55,8 +65,15 @@ def fits_in_memory(folder: str | Path, dtype: torch.dtype | str = "auto", device
 
 
 @torch.no_grad()
-def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", progress: bool = True, name: str = "") -> ScanResult:
+def streamed_scan(
+    folder: str | Path,
+    windows: TokenWindows,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    name: str = "",
+) -> ScanResult:
     """The scan of ``hubprune.scan.scan_model``, computed layer by layer from the shards.
 
     Example: ``streamed_scan("Llama-2-70b-hf", calibration_windows(tokenizer)).choose(40)``
@@ -93,6 +110,7 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
                 for pname, _ in module.named_parameters():
                     full = f"{family.layers}.{index}.{pname}"
                     _set(model, full, tensors.load(full), device, dtype)
+
             return hook
 
         def after(index):
@@ -101,6 +119,7 @@ def streamed_scan(folder: str | Path, windows: TokenWindows, *, dtype: torch.dty
                     _set(model, f"{family.layers}.{index}.{pname}", None, "meta", dtype)
                 _release_freed_memory()
                 bar.update(1)
+
             return hook
 
         handles = []
@@ -155,7 +174,11 @@ class _TensorIndex:
             f.seek(start + begin)
             data = bytearray(f.read(end - begin))
         dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]) if data else torch.empty(info["shape"], dtype=dtype)
+        return (
+            torch.frombuffer(data, dtype=dtype).reshape(info["shape"])
+            if data
+            else torch.empty(info["shape"], dtype=dtype)
+        )
 
 
 def _set(model, name: str, value, device, dtype) -> None:

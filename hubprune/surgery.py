@@ -132,29 +132,44 @@ def check_kept_layers(config, new_config, kept: Sequence[int], model_class: type
     for kind in dict.fromkeys(types):
         if all(types[i] != kind for i in kept):
             where = [i for i, t in enumerate(types) if t == kind]
-            raise ValueError(f"this cut removes every {kind!r} layer ({', '.join(map(str, where))}); "
-                             "keep at least one of them")
+            raise ValueError(
+                f"this cut removes every {kind!r} layer ({', '.join(map(str, where))}); keep at least one of them"
+            )
     before, after = skeleton(config, model_class), skeleton(new_config, model_class)
     old, new = decoder_layers(before), decoder_layers(after)
     for j, i in enumerate(kept):
         a, b = _signature(old[i]), _signature(new[j])
         if a != b:
-            diff = next(f"{x[0] or 'the layer'}: {x[1:]} != {y[1:]}" for x, y in zip(a, b) if x != y) \
-                if len(a) == len(b) else f"{len(a)} modules != {len(b)}"
-            hints = sorted(k for k, v in vars(config.get_text_config()).items()
-                           if _PATTERN_HINT.search(k) and isinstance(v, (int, list, str)) and not isinstance(v, bool))
-            raise ValueError(f"hubprune cannot keep layer {i} as layer {j}: the pruned config would build it "
-                             f"differently ({diff}). A per-layer setting of this architecture does not follow the cut; "
-                             f"fields that may hold it: {', '.join(hints) or 'none found'}")
+            diff = (
+                next(f"{x[0] or 'the layer'}: {x[1:]} != {y[1:]}" for x, y in zip(a, b) if x != y)
+                if len(a) == len(b)
+                else f"{len(a)} modules != {len(b)}"
+            )
+            hints = sorted(
+                k
+                for k, v in vars(config.get_text_config()).items()
+                if _PATTERN_HINT.search(k) and isinstance(v, (int, list, str)) and not isinstance(v, bool)
+            )
+            raise ValueError(
+                f"hubprune cannot keep layer {i} as layer {j}: the pruned config would build it "
+                f"differently ({diff}). A per-layer setting of this architecture does not follow the cut; "
+                f"fields that may hold it: {', '.join(hints) or 'none found'}"
+            )
 
 
 def _signature(layer: nn.Module) -> list[tuple]:
     rows = []
     for path, module in layer.named_modules():
         shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
-        settings = tuple(sorted((k, v) for k, v in vars(module).items() if not k.startswith("_")
-                                and k not in (*LAYER_INDEX_ATTRIBUTES, "training")
-                                and isinstance(v, (int, float, bool, str))))
+        settings = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(module).items()
+                if not k.startswith("_")
+                and k not in (*LAYER_INDEX_ATTRIBUTES, "training")
+                and isinstance(v, (int, float, bool, str))
+            )
+        )
         rows.append((path, type(module).__name__, shapes, settings))
     return rows
 

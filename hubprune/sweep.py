@@ -60,8 +60,17 @@ class SweepResult:
             writer = csv.writer(f)
             writer.writerow(["metric", "healed", "n_layers", "fraction", "quality", "perplexity", "removed_layers"])
             for p in self.points:
-                writer.writerow([p.metric, p.healed, p.n_layers, f"{p.fraction:.4f}", f"{p.quality:.4f}",
-                                 "" if p.perplexity is None else f"{p.perplexity:.4f}", " ".join(map(str, p.removed_layers))])
+                writer.writerow(
+                    [
+                        p.metric,
+                        p.healed,
+                        p.n_layers,
+                        f"{p.fraction:.4f}",
+                        f"{p.quality:.4f}",
+                        "" if p.perplexity is None else f"{p.perplexity:.4f}",
+                        " ".join(map(str, p.removed_layers)),
+                    ]
+                )
         self.plot(folder / "sweep.png")
         return {name: folder / name for name in ("sweep.json", "sweep.csv", "sweep.png")}
 
@@ -79,8 +88,10 @@ class SweepResult:
                     ax.plot(*zip(*pts), "o--" if healed else "o-", label=f"{metric}{' + heal' if healed else ''}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xlabel("fraction of layers dropped")
-        ax.set_ylabel("quality relative to the original "
-                      + {"tasks": "(above chance)", "perplexity": "(perplexity)", "chat": "(chat top-1 agreement)"}[self.quality])
+        ax.set_ylabel(
+            "quality relative to the original "
+            + {"tasks": "(above chance)", "perplexity": "(perplexity)", "chat": "(chat top-1 agreement)"}[self.quality]
+        )
         ax.set_title(f"{self.model}: {self.num_layers} layers", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -92,18 +103,31 @@ class SweepResult:
 class QualityMeter:
     """Measures a model's quality relative to the original, on tasks or on held-out perplexity."""
 
-    def __init__(self, pruner, quality: str = "perplexity", tasks=("arc_easy", "piqa", "hellaswag"),
-                 limit: int | None = 200, progress: bool = True):
+    def __init__(
+        self,
+        pruner,
+        quality: str = "perplexity",
+        tasks=("arc_easy", "piqa", "hellaswag"),
+        limit: int | None = 200,
+        progress: bool = True,
+    ):
         if quality not in QUALITIES:
             raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
-        self.pruner, self.quality, self.tasks, self.limit, self.progress = pruner, quality, list(tasks), limit, progress
+        self.pruner, self.quality, self.tasks, self.limit, self.progress = (
+            pruner,
+            quality,
+            list(tasks),
+            limit,
+            progress,
+        )
         self.windows = heldout_windows(pruner.tokenizer, n_samples=16)
         self.reference = None
         if quality == "chat":
             from hubprune.chat import reference_answers
 
-            self.reference = reference_answers(pruner.model, pruner.tokenizer, n_prompts=CHAT_PROMPTS,
-                                               max_new_tokens=CHAT_TOKENS, progress=progress)
+            self.reference = reference_answers(
+                pruner.model, pruner.tokenizer, n_prompts=CHAT_PROMPTS, max_new_tokens=CHAT_TOKENS, progress=progress
+            )
         self.original = self.measure_raw(pruner.model)
 
     def measure_raw(self, model) -> dict:
@@ -116,8 +140,9 @@ class QualityMeter:
         if self.quality == "chat":
             from hubprune.chat import chat_fidelity
 
-            fidelity = chat_fidelity(model, self.pruner.model, self.pruner.tokenizer, reference=self.reference,
-                                     free=False, progress=False)
+            fidelity = chat_fidelity(
+                model, self.pruner.model, self.pruner.tokenizer, reference=self.reference, free=False, progress=False
+            )
             result["chat"] = {"top1_agreement": fidelity.top1_agreement, "kl": fidelity.kl}
         return result
 
@@ -133,13 +158,29 @@ class QualityMeter:
     def point(self, pruned, metric: str, healed: bool) -> SweepPoint:
         raw = self.measure_raw(pruned.model)
         r = pruned.record
-        return SweepPoint(metric, len(r.removed_layers), len(r.removed_layers) / r.base_num_layers, r.removed_layers,
-                          healed, self.relative(raw), raw["perplexity"], raw.get("tasks", {}))
+        return SweepPoint(
+            metric,
+            len(r.removed_layers),
+            len(r.removed_layers) / r.base_num_layers,
+            r.removed_layers,
+            healed,
+            self.relative(raw),
+            raw["perplexity"],
+            raw.get("tasks", {}),
+        )
 
 
-def sweep(pruner, fractions=(0.1, 0.2, 0.3, 0.4, 0.5), metrics=("angular_last", "block_influence"), *,
-          quality: str = "perplexity", tasks=("arc_easy", "piqa", "hellaswag"), limit: int | None = 200,
-          heal: HealConfig | None = None, progress: bool = True) -> SweepResult:
+def sweep(
+    pruner,
+    fractions=(0.1, 0.2, 0.3, 0.4, 0.5),
+    metrics=("angular_last", "block_influence"),
+    *,
+    quality: str = "perplexity",
+    tasks=("arc_easy", "piqa", "hellaswag"),
+    limit: int | None = 200,
+    heal: HealConfig | None = None,
+    progress: bool = True,
+) -> SweepResult:
     """Measure quality for each fraction and metric, before (and, with ``heal``, after) healing.
 
     Example: ``sweep(pruner, fractions=(0.1, 0.2, 0.3)).save("out/sweep")``
@@ -158,9 +199,16 @@ def sweep(pruner, fractions=(0.1, 0.2, 0.3, 0.4, 0.5), metrics=("angular_last", 
     return result
 
 
-def largest_drop_within(pruner, max_loss: float, metric: str = "angular_last", *, quality: str = "perplexity",
-                        tasks=("arc_easy", "piqa", "hellaswag"), limit: int | None = 200,
-                        progress: bool = True) -> tuple[int, list[SweepPoint]]:
+def largest_drop_within(
+    pruner,
+    max_loss: float,
+    metric: str = "angular_last",
+    *,
+    quality: str = "perplexity",
+    tasks=("arc_easy", "piqa", "hellaswag"),
+    limit: int | None = 200,
+    progress: bool = True,
+) -> tuple[int, list[SweepPoint]]:
     """The most layers whose removal keeps quality >= (1 - max_loss) x the original's, by binary search
     over measured models (quality falls as more layers go). Returns (n, the points measured).
 
@@ -182,6 +230,8 @@ def largest_drop_within(pruner, max_loss: float, metric: str = "angular_last", *
         else:
             high = n - 1
     if low == 0:
-        raise ValueError(f"even one layer costs more than {max_loss:.0%} of the quality ({quality}); "
-                         "allow a larger loss or heal after pruning")
+        raise ValueError(
+            f"even one layer costs more than {max_loss:.0%} of the quality ({quality}); "
+            "allow a larger loss or heal after pruning"
+        )
     return low, points

@@ -85,8 +85,11 @@ class EvalResult:
     heldout: str | None = None  # what the perplexity was measured on
 
     def to_dict(self) -> dict:
-        return {"tasks": {name: asdict(score) for name, score in self.tasks.items()}, "perplexity": self.perplexity,
-                "heldout": self.heldout}
+        return {
+            "tasks": {name: asdict(score) for name, score in self.tasks.items()},
+            "perplexity": self.perplexity,
+            "heldout": self.heldout,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> EvalResult:
@@ -133,8 +136,9 @@ class EvalResult:
         if other is None:
             rows = [("task", "n", "acc", "acc_norm", "chance")]
             for s in self.tasks.values():
-                rows.append((s.name, str(s.n), _pm(s.acc, s.acc_stderr), _pm(s.acc_norm, s.acc_norm_stderr),
-                             f"{s.chance:.4f}"))
+                rows.append(
+                    (s.name, str(s.n), _pm(s.acc, s.acc_stderr), _pm(s.acc_norm, s.acc_norm_stderr), f"{s.chance:.4f}")
+                )
             if self.perplexity is not None:
                 rows.append(("held-out perplexity", "", f"{self.perplexity:.3f}", "", ""))
             return _aligned(rows)
@@ -144,15 +148,30 @@ class EvalResult:
             if o is None:
                 continue
             kept = (o.acc_norm - o.chance) / (s.acc_norm - s.chance) if s.acc_norm > s.chance else math.nan
-            rows.append((name, str(s.n), _pm(s.acc_norm, s.acc_norm_stderr), _pm(o.acc_norm, o.acc_norm_stderr),
-                         f"{kept:.1%}"))
+            rows.append(
+                (name, str(s.n), _pm(s.acc_norm, s.acc_norm_stderr), _pm(o.acc_norm, o.acc_norm_stderr), f"{kept:.1%}")
+            )
         shared = [name for name in self.tasks if name in other.tasks]
         if len(shared) > 1 and self.above_chance(shared) > 0:
-            rows.append(("mean above chance", "", f"{self.above_chance(shared):.4f}", f"{other.above_chance(shared):.4f}",
-                         f"{other.retention(self, shared):.1%}"))
+            rows.append(
+                (
+                    "mean above chance",
+                    "",
+                    f"{self.above_chance(shared):.4f}",
+                    f"{other.above_chance(shared):.4f}",
+                    f"{other.retention(self, shared):.1%}",
+                )
+            )
         if self.perplexity is not None and other.perplexity is not None:
-            rows.append(("held-out perplexity", "", f"{self.perplexity:.3f}", f"{other.perplexity:.3f}",
-                         f"x{other.perplexity / self.perplexity:.3f}"))
+            rows.append(
+                (
+                    "held-out perplexity",
+                    "",
+                    f"{self.perplexity:.3f}",
+                    f"{other.perplexity:.3f}",
+                    f"x{other.perplexity / self.perplexity:.3f}",
+                )
+            )
         return _aligned(rows)
 
 
@@ -206,8 +225,13 @@ def _arc_rows(task: str, limit: int | None) -> list[dict]:
         query = docs[doc_id]["query"]
         if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
             raise ValueError(f"unexpected ARC query format in {path} (doc {doc_id}): {query[:60]!r}")
-        rows.append({"question": query[len("Question: "):-len("\nAnswer:")],
-                     "choices": docs[doc_id]["choices"], "gold": docs[doc_id]["gold"]})
+        rows.append(
+            {
+                "question": query[len("Question: ") : -len("\nAnswer:")],
+                "choices": docs[doc_id]["choices"],
+                "gold": docs[doc_id]["gold"],
+            }
+        )
     return rows
 
 
@@ -221,13 +245,18 @@ def _multiple_choice(context: str, choices: Sequence[str], gold: int, group: str
 
 def _arc(task: str, limit: int | None) -> list[Doc]:
     # lm_eval/tasks/arc/arc_easy.yaml: "Question: {{question}}\nAnswer:", choices.text.
-    return [_multiple_choice(f"Question: {r['question']}\nAnswer:", r["choices"], r["gold"]) for r in _arc_rows(task, limit)]
+    return [
+        _multiple_choice(f"Question: {r['question']}\nAnswer:", r["choices"], r["gold"])
+        for r in _arc_rows(task, limit)
+    ]
 
 
 def _piqa(limit: int | None) -> list[Doc]:
     # lm_eval/tasks/piqa/piqa.yaml: "Question: {{goal}}\nAnswer:", [sol1, sol2], label.
-    return [_multiple_choice(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"])
-            for r in _rows("piqa/plain_text/validation", limit)]
+    return [
+        _multiple_choice(f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], r["label"])
+        for r in _rows("piqa/plain_text/validation", limit)
+    ]
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -253,7 +282,7 @@ def _winogrande(limit: int | None) -> list[Doc]:
     for r in _rows("winogrande/winogrande_xl/validation", limit):
         blank = r["sentence"].index("_")
         contexts = [r["sentence"][:blank] + r["option1"], r["sentence"][:blank] + r["option2"]]
-        target = " " + r["sentence"][blank + 1:].strip()
+        target = " " + r["sentence"][blank + 1 :].strip()
         docs.append(Doc(tuple((c, target) for c in contexts), tuple(contexts), {"1": 0, "2": 1}[r["answer"]]))
     return docs
 
@@ -261,8 +290,10 @@ def _winogrande(limit: int | None) -> list[Doc]:
 def _boolq(limit: int | None) -> list[Doc]:
     # lm_eval/tasks/super_glue/boolq/default.yaml: "{{passage}}\nQuestion: {{question}}?\nAnswer:",
     # ["no", "yes"]; google/boolq's bool `answer` is super_glue's `label`.
-    return [_multiple_choice(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"]))
-            for r in _rows("boolq/none/validation", limit)]
+    return [
+        _multiple_choice(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"]))
+        for r in _rows("boolq/none/validation", limit)
+    ]
 
 
 def _mmlu(limit: int | None) -> list[Doc]:
@@ -276,8 +307,11 @@ def _mmlu(limit: int | None) -> list[Doc]:
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         for r in _rows(f"hails/mmlu_no_train/{subject}/test", limit):
             options = "".join(f"{letter}. {choice}\n" for letter, choice in zip("ABCD", r["choices"]))
-            docs.append(_multiple_choice(f"{header}{r['question'].strip()}\n{options}Answer:", ["A", "B", "C", "D"],
-                                         r["answer"], subject))
+            docs.append(
+                _multiple_choice(
+                    f"{header}{r['question'].strip()}\n{options}Answer:", ["A", "B", "C", "D"], r["answer"], subject
+                )
+            )
     return docs
 
 
@@ -328,7 +362,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, ctx = _tok_encode(tokenizer, context + continuation), _tok_encode(tokenizer, context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def _tok_encode(tokenizer, text: str) -> list[int]:
@@ -381,7 +415,7 @@ def _plan(encoded: list[tuple[list[int], list[int]]], limit: int, share_up_to: i
             rows.append(row)
             continue
         for i, cont in zip(members, conts):
-            tokens = (list(ctx) + cont)[-(limit + 1):][:-1]
+            tokens = (list(ctx) + cont)[-(limit + 1) :][:-1]
             if tuple(tokens) not in plain:
                 plain[tuple(tokens)] = _Row(tokens, list(range(len(tokens))), [-1] * len(tokens))
                 rows.append(plain[tuple(tokens)])
@@ -399,8 +433,14 @@ def _share_limit(model) -> int:
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_size: int = 16,
-                   progress: bool = False, desc: str = "loglikelihood") -> list[float]:
+def loglikelihoods(
+    model,
+    tokenizer,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "loglikelihood",
+) -> list[float]:
     """Summed log-probability of each continuation given its context, scored in batches.
 
     Inputs are left-truncated to the model's max length, sorted longest first and padded on
@@ -416,8 +456,10 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in requests]
     for i, (_, cont) in enumerate(encoded):
         if not cont or len(cont) > limit:
-            raise ValueError(f"request {i} has {len(cont)} continuation tokens; 1 to {limit} (the model's max length) "
-                             f"can be scored: {requests[i]!r:.200}")
+            raise ValueError(
+                f"request {i} has {len(cont)} continuation tokens; 1 to {limit} (the model's max length) "
+                f"can be scored: {requests[i]!r:.200}"
+            )
     rank, world = process_share()
     rows = _plan(encoded, limit, _share_limit(model))[rank::world]  # under accelerate launch: this process's share
     device = next(model.parameters()).device
@@ -426,13 +468,15 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], batch_
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=sum(len(row.reads) for row in rows), desc=desc, unit="req", disable=not progress, leave=False) as bar:
+        with tqdm(
+            total=sum(len(row.reads) for row in rows), desc=desc, unit="req", disable=not progress, leave=False
+        ) as bar:
             for start in range(0, len(rows), batch_size):
-                batch = rows[start:start + batch_size]
+                batch = rows[start : start + batch_size]
                 width = len(batch[0].tokens)
                 ids = torch.zeros(len(batch), width, dtype=torch.long)  # [B, T], right-padded
                 for b, row in enumerate(batch):
-                    ids[b, :len(row.tokens)] = torch.tensor(row.tokens)
+                    ids[b, : len(row.tokens)] = torch.tensor(row.tokens)
                 kwargs = {"input_ids": ids.to(device), "use_cache": False}
                 if any(max(row.branch) >= 0 for row in batch):
                     kwargs.update(_branch_mask(batch, width, model.dtype, device))
@@ -472,8 +516,8 @@ def _branch_mask(batch: list[_Row], width: int, dtype: torch.dtype, device: torc
     branch = torch.full((len(batch), width), -1, dtype=torch.long)  # padding counts as context: no empty rows
     positions = torch.zeros(len(batch), width, dtype=torch.long)
     for b, row in enumerate(batch):
-        branch[b, :len(row.tokens)] = torch.tensor(row.branch)
-        positions[b, :len(row.tokens)] = torch.tensor(row.positions)
+        branch[b, : len(row.tokens)] = torch.tensor(row.branch)
+        positions[b, : len(row.tokens)] = torch.tensor(row.positions)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = causal & ((branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None]))  # [B, T, T]
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -512,7 +556,7 @@ def question_scores(docs: Sequence[Doc], lls: Sequence[float]) -> tuple[list[flo
     correct, correct_norm = [], []
     cursor = 0
     for doc in docs:
-        scores = lls[cursor:cursor + len(doc.requests)]
+        scores = lls[cursor : cursor + len(doc.requests)]
         cursor += len(doc.requests)
         correct.append(float(_argmax(scores) == doc.gold))
         normed = [ll / len(choice) if choice else -math.inf for ll, choice in zip(scores, doc.choices)]
@@ -551,8 +595,15 @@ def score_docs(name: str, docs: Sequence[Doc], lls: Sequence[float]) -> TaskScor
     return TaskScore(name, acc, acc_norm, acc_stderr, acc_norm_stderr, len(docs), chance)
 
 
-def evaluate_tasks(model, tokenizer, tasks: Iterable[str] | str = DEFAULT_TASKS, limit: int | None = None,
-                   batch_size: int = 16, progress: bool = True, sample: int | None = None) -> EvalResult:
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: Iterable[str] | str = DEFAULT_TASKS,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    sample: int | None = None,
+) -> EvalResult:
     """Zero-shot acc and acc_norm of ``model`` on each task, as lm-evaluation-harness reports them.
 
     ``limit`` takes the first questions of each task (of each MMLU subject, as the harness

@@ -33,9 +33,16 @@ _DRAIN_LIMIT = 64 * 2**20  # an oversized body is read and dropped up to this mu
 MAX_DEPTH = 32  # JSON nesting a request may have (a chat request needs 4)
 
 
-def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_body_bytes: int = 4 * 2**20,
-               max_queue: dict[str, int] | None = None, metrics: Metrics | None = None,
-               info: dict[str, dict] | None = None, shutdown_grace: float = 10.0) -> FastAPI:
+def create_app(
+    engines: dict[str, Engine],
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 4 * 2**20,
+    max_queue: dict[str, int] | None = None,
+    metrics: Metrics | None = None,
+    info: dict[str, dict] | None = None,
+    shutdown_grace: float = 10.0,
+) -> FastAPI:
     """The FastAPI app routing to ``engines`` (already started) by model name.
 
     ``begin_shutdown(app)`` (called on SIGTERM/SIGINT) gives the requests in flight ``shutdown_grace``
@@ -52,8 +59,9 @@ def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_bo
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'.",
-                           code="missing_api_key")
+            raise APIError(
+                401, "Missing API key: send the header 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
         if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
@@ -61,14 +69,24 @@ def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_bo
         if not isinstance(name, str) or not name:
             raise bad_param("model", f"model is required: one of {sorted(engines)}")
         if name not in engines:
-            raise APIError(404, f"The model `{name}` does not exist. Served models: {', '.join(sorted(engines))}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. Served models: {', '.join(sorted(engines))}.",
+                param="model",
+                code="model_not_found",
+            )
         return engines[name]
 
     def card(name: str) -> dict:
         e = engines[name]
-        return {"id": name, "object": "model", "created": created, "owned_by": "hubprune",
-                "max_model_len": e.max_model_len, "hubprune": {**e.describe(), **(info or {}).get(name, {})}}
+        return {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "hubprune",
+            "max_model_len": e.max_model_len,
+            "hubprune": {**e.describe(), **(info or {}).get(name, {})},
+        }
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -81,8 +99,9 @@ def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_bo
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         logger.exception("%s %s failed", request.method, request.url.path)
-        return APIError(500, f"internal error ({type(err).__name__}); the server log has the details",
-                        code="internal_error").response()
+        return APIError(
+            500, f"internal error ({type(err).__name__}); the server log has the details", code="internal_error"
+        ).response()
 
     @app.get("/health")
     @_answers_errors
@@ -130,8 +149,12 @@ def create_app(engines: dict[str, Engine], *, api_key: str | None = None, max_bo
         stats = metrics.request(name, route)
         if in_flight[name] >= limits[name]:
             stats.finish(status=429)
-            raise APIError(429, f"model {name} has {in_flight[name]} requests running or queued (the limit is "
-                           f"{limits[name]}, max_queue); retry later", code="overloaded")
+            raise APIError(
+                429,
+                f"model {name} has {in_flight[name]} requests running or queued (the limit is "
+                f"{limits[name]}, max_queue); retry later",
+                code="overloaded",
+            )
         in_flight[name] += 1
 
         def release() -> None:
@@ -181,12 +204,18 @@ async def read_json(request: Request, limit: int) -> dict:
         elif size > limit + _DRAIN_LIMIT or (declared and int(declared) > limit + _DRAIN_LIMIT):
             break
     if size > limit:
-        raise APIError(413, f"the request body is {size if size <= limit + _DRAIN_LIMIT else 'over ' + str(size)} "
-                       f"bytes; this server takes at most {limit} (serve --max-body-bytes)", code="request_too_large")
+        raise APIError(
+            413,
+            f"the request body is {size if size <= limit + _DRAIN_LIMIT else 'over ' + str(size)} "
+            f"bytes; this server takes at most {limit} (serve --max-body-bytes)",
+            code="request_too_large",
+        )
     try:
         body = json.loads(b"".join(parts))
     except RecursionError:
-        raise APIError(400, f"the request body nests JSON more than {MAX_DEPTH} levels deep", code="invalid_json") from None
+        raise APIError(
+            400, f"the request body nests JSON more than {MAX_DEPTH} levels deep", code="invalid_json"
+        ) from None
     except ValueError as err:  # broken JSON, invalid UTF-8, an integer too long to read
         raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -201,8 +230,9 @@ def _check_tree(body: dict) -> None:
     while stack:
         value, depth, path = stack.pop()
         if depth > MAX_DEPTH:
-            raise APIError(400, f"the request body nests JSON more than {MAX_DEPTH} levels deep (at {path})",
-                           code="invalid_json")
+            raise APIError(
+                400, f"the request body nests JSON more than {MAX_DEPTH} levels deep (at {path})", code="invalid_json"
+            )
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
             where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
@@ -211,8 +241,11 @@ def _check_tree(body: dict) -> None:
                     try:
                         text.encode("utf-8")
                     except UnicodeEncodeError:
-                        raise bad_param(where.lstrip("."), f"{where.lstrip('.')} holds an unpaired surrogate "
-                                        "(such as \\ud800): send valid Unicode text") from None
+                        raise bad_param(
+                            where.lstrip("."),
+                            f"{where.lstrip('.')} holds an unpaired surrogate "
+                            "(such as \\ud800): send valid Unicode text",
+                        ) from None
             if isinstance(item, (dict, list)):
                 stack.append((item, depth + 1, where))
 
@@ -224,8 +257,12 @@ def begin_shutdown(app: FastAPI) -> None:
 
 
 def _shutdown_error(app: FastAPI) -> APIError:
-    return APIError(503, f"the server is shutting down; the request did not finish within the "
-                    f"{app.state.shutdown_grace:g} s grace period: retry later", code="server_shutting_down")
+    return APIError(
+        503,
+        f"the server is shutting down; the request did not finish within the "
+        f"{app.state.shutdown_grace:g} s grace period: retry later",
+        code="server_shutting_down",
+    )
 
 
 async def _until_left_or_stopped(handle, request: Request, app: FastAPI):
@@ -300,7 +337,8 @@ def _answers_errors(route):
             raise
         except Exception as err:
             logger.exception("%s failed", route.__name__)
-            raise APIError(500, f"internal error ({type(err).__name__}); the server log has the details",
-                           code="internal_error") from None
+            raise APIError(
+                500, f"internal error ({type(err).__name__}); the server log has the details", code="internal_error"
+            ) from None
 
     return guarded

@@ -29,8 +29,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 BNB_QUANTIZATION = ("8bit", "4bit")  # bitsandbytes, transformers engine
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 @dataclass
@@ -57,13 +66,17 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.url is None):
-            raise ValueError(f"model {self.name or '?'}: give exactly one of path (a model to load) or url "
-                             f"(a running OpenAI server), got path={self.path!r}, url={self.url!r}")
+            raise ValueError(
+                f"model {self.name or '?'}: give exactly one of path (a model to load) or url "
+                f"(a running OpenAI server), got path={self.path!r}, url={self.url!r}"
+            )
         if self.name is None:
             self.name = default_name(self.path) if self.path else None
         if not self.name or not _NAME.match(self.name):
-            raise ValueError(f"model name {self.name!r} must be 1-128 characters of letters, digits and ._/:- "
-                             "(it is the request's 'model' field)")
+            raise ValueError(
+                f"model name {self.name!r} must be 1-128 characters of letters, digits and ._/:- "
+                "(it is the request's 'model' field)"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"model {self.name}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         for key in ("max_num_seqs", "max_queue", "tensor_parallel_size"):
@@ -99,8 +112,10 @@ class ServeConfig:
         names = [m.name for m in self.models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"model names must be unique, {duplicates} appear more than once; "
-                             "set name: for each (or NAME=PATH on the command line)")
+            raise ValueError(
+                f"model names must be unique, {duplicates} appear more than once; "
+                "set name: for each (or NAME=PATH on the command line)"
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -108,8 +123,11 @@ class ServeConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _positive_int("max_body_bytes", self.max_body_bytes)
-        if isinstance(self.shutdown_grace, bool) or not isinstance(self.shutdown_grace, (int, float)) \
-                or not 0 <= self.shutdown_grace <= 3600:
+        if (
+            isinstance(self.shutdown_grace, bool)
+            or not isinstance(self.shutdown_grace, (int, float))
+            or not 0 <= self.shutdown_grace <= 3600
+        ):
             raise ValueError(f"shutdown_grace must be a number of seconds in [0, 3600], got {self.shutdown_grace!r}")
         if self.memory_budget is not None:
             self.memory_budget = parse_size(self.memory_budget)
@@ -187,14 +205,22 @@ def _positive_int(what: str, value) -> None:
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
-_MODEL_FLAGS = ("dtype", "max_model_len", "max_num_seqs", "max_queue", "quantization", "tensor_parallel_size",
-                "trust_remote_code")
+_MODEL_FLAGS = (
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_queue",
+    "quantization",
+    "tensor_parallel_size",
+    "trust_remote_code",
+)
 
 
 def add_arguments(parser) -> None:
     """The ``hubprune serve`` flags (an argparse parser); ``ServeConfig.from_args`` reads them back."""
-    parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="Hub id, folder or .gguf file; NAME=PATH chooses the served name")
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL", help="Hub id, folder or .gguf file; NAME=PATH chooses the served name"
+    )
     parser.add_argument("--config", help="a serve YAML with models: and options (flags override it)")
     parser.add_argument("--engine", choices=ENGINES, help="default auto: vLLM when its Python imports vllm")
     parser.add_argument("--host", help="default 127.0.0.1 (this machine only)")
@@ -209,23 +235,45 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quantization", help="8bit or 4bit (bitsandbytes, CUDA), or a vLLM method")
     parser.add_argument("--tensor-parallel-size", type=int, help="GPUs per model (vLLM)")
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run the model repo's code")
-    parser.add_argument("--vllm-arg", action="append", dest="vllm_args", metavar="ARG",
-                        help="one more vLLM option, repeatable: --vllm-arg=--swap-space --vllm-arg=0")
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        dest="vllm_args",
+        metavar="ARG",
+        help="one more vLLM option, repeatable: --vllm-arg=--swap-space --vllm-arg=0",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, help="share of the GPU for all vLLM processes (0.9)")
     parser.add_argument("--memory-budget", help="cap the memory plan, e.g. 12GiB")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 4 MiB)")
     parser.add_argument("--startup-timeout", type=float, help="seconds to wait for each vLLM process (default 600)")
     parser.add_argument("--log-dir", help="folder for vLLM process logs (default: a temporary folder)")
-    parser.add_argument("--shutdown-grace", type=float,
-                        help="seconds the requests in flight get after SIGTERM or Ctrl-C (default 10); then streams "
-                             "end with an error event and waiting requests get a 503")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds the requests in flight get after SIGTERM or Ctrl-C (default 10); then streams "
+        "end with an error event and waiting requests get a 503",
+    )
 
 
 def from_args(args) -> ServeConfig:
     """A ServeConfig from ``hubprune serve`` flags (see ``add_arguments``)."""
-    options = {k: getattr(args, k) for k in ("engine", "host", "port", "api_key", "vllm_python", "device",
-                                             "gpu_memory_utilization", "memory_budget", "max_body_bytes",
-                                             "startup_timeout", "log_dir", "shutdown_grace")}
+    options = {
+        k: getattr(args, k)
+        for k in (
+            "engine",
+            "host",
+            "port",
+            "api_key",
+            "vllm_python",
+            "device",
+            "gpu_memory_utilization",
+            "memory_budget",
+            "max_body_bytes",
+            "startup_timeout",
+            "log_dir",
+            "shutdown_grace",
+        )
+    }
     per_model = {k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}
     if args.vllm_args:
         per_model["vllm_args"] = args.vllm_args

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import queue
 import secrets
 import threading
 import time
-import queue
 from dataclasses import dataclass, field
 
 import torch
@@ -35,14 +35,51 @@ logger = logging.getLogger(__name__)
 _GATHER_GAP, _GATHER_MAX = 0.003, 0.02  # seconds: a batch waits for more while they keep arriving
 _LOADING = threading.Lock()  # from_pretrained is not thread-safe (it patches torch globals while loading)
 
-_KNOWN = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-          "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty", "logprobs",
-          "top_logprobs", "logit_bias", "echo", "best_of", "suffix", "tools", "tool_choice", "response_format",
-          "parallel_tool_calls", "metadata", "store", "ignore_eos"}  # ignore_eos: vLLM's, for benchmarks
+_KNOWN = {
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "echo",
+    "best_of",
+    "suffix",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "parallel_tool_calls",
+    "metadata",
+    "store",
+    "ignore_eos",
+}  # ignore_eos: vLLM's, for benchmarks
 # Fields this engine accepts only at their neutral value.
-_NEUTRAL = {"n": [1], "presence_penalty": [0], "frequency_penalty": [0], "logprobs": [False, 0], "top_logprobs": [0],
-            "logit_bias": [{}], "echo": [False], "best_of": [1], "suffix": [""], "tools": [[]],
-            "tool_choice": ["none", "auto"], "response_format": [{"type": "text"}]}
+_NEUTRAL = {
+    "n": [1],
+    "presence_penalty": [0],
+    "frequency_penalty": [0],
+    "logprobs": [False, 0],
+    "top_logprobs": [0],
+    "logit_bias": [{}],
+    "echo": [False],
+    "best_of": [1],
+    "suffix": [""],
+    "tools": [[]],
+    "tool_choice": ["none", "auto"],
+    "response_format": [{"type": "text"}],
+}
 
 
 def check_quantization(spec: ModelSpec, device: str) -> None:
@@ -51,11 +88,15 @@ def check_quantization(spec: ModelSpec, device: str) -> None:
     if q is None:
         return
     if q not in BNB_QUANTIZATION:
-        raise ValueError(f"model {spec.name}: quantization {q!r} is a vLLM method; the transformers engine loads "
-                         f"{' or '.join(BNB_QUANTIZATION)} (bitsandbytes), or serve it with --engine vllm")
+        raise ValueError(
+            f"model {spec.name}: quantization {q!r} is a vLLM method; the transformers engine loads "
+            f"{' or '.join(BNB_QUANTIZATION)} (bitsandbytes), or serve it with --engine vllm"
+        )
     if resolve_device(device).type != "cuda":
-        raise ValueError(f"model {spec.name}: {q} loading (bitsandbytes) needs a CUDA GPU and this machine has none; "
-                         "remove quantization, or serve on a GPU")
+        raise ValueError(
+            f"model {spec.name}: {q} loading (bitsandbytes) needs a CUDA GPU and this machine has none; "
+            "remove quantization, or serve on a GPU"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -105,19 +146,30 @@ class TransformersEngine(Engine):
                 self.model, self.tokenizer = self._load_quantized()
             else:
                 dtype = "float32" if spec.dtype == "auto" and self.device.type == "cpu" else spec.dtype
-                self.model, self.tokenizer, _ = load_model(self.folder, revision=spec.revision, dtype=dtype,
-                                                          device=str(self.device),
-                                                          trust_remote_code=spec.trust_remote_code)
+                self.model, self.tokenizer, _ = load_model(
+                    self.folder,
+                    revision=spec.revision,
+                    dtype=dtype,
+                    device=str(self.device),
+                    trust_remote_code=spec.trust_remote_code,
+                )
         config = self.model.config.get_text_config()
         limit = getattr(config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(spec.max_model_len or limit, limit)
         eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {t for t in ([eos] if isinstance(eos, int) else eos or []) + [self.tokenizer.eos_token_id]
-                        if t is not None}
+        self.eos_ids = {
+            t for t in ([eos] if isinstance(eos, int) else eos or []) + [self.tokenizer.eos_token_id] if t is not None
+        }
         self.pad_id = next((t for t in (self.tokenizer.pad_token_id, *sorted(self.eos_ids)) if t is not None), 0)
         self._encoder = copy.deepcopy(self.tokenizer)
-        logger.info("%s: loaded %s on %s (%d layers, context %d)", self.name, self.folder, self.device,
-                    config.num_hidden_layers, self.max_model_len)
+        logger.info(
+            "%s: loaded %s on %s (%d layers, context %d)",
+            self.name,
+            self.folder,
+            self.device,
+            config.num_hidden_layers,
+            self.max_model_len,
+        )
 
     def _load_quantized(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -125,10 +177,17 @@ class TransformersEngine(Engine):
         if self.spec.quantization == "8bit":
             qc = BitsAndBytesConfig(load_in_8bit=True)
         else:
-            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            qc = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            )
         kwargs = {"trust_remote_code": self.spec.trust_remote_code, "revision": self.spec.revision}
-        model = AutoModelForCausalLM.from_pretrained(self.folder, quantization_config=qc, use_safetensors=True,
-                                                     device_map={"": self.device.index or 0}, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.folder,
+            quantization_config=qc,
+            use_safetensors=True,
+            device_map={"": self.device.index or 0},
+            **kwargs,
+        )
         return model.eval(), AutoTokenizer.from_pretrained(self.folder, **kwargs)
 
     async def handle(self, route: str, body: dict, sampling: Sampling, stats: RequestStats) -> Response:
@@ -136,13 +195,20 @@ class TransformersEngine(Engine):
         prompt_ids = await asyncio.to_thread(self._encode, route, body)  # off the event loop: MBs take seconds
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
-            raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt is "
-                           f"{len(prompt_ids)} tokens. Shorten the prompt, or serve the model with a longer "
-                           "max_model_len.", param="messages" if route == "chat" else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt is "
+                f"{len(prompt_ids)} tokens. Shorten the prompt, or serve the model with a longer "
+                "max_model_len.",
+                param="messages" if route == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
         if sampling.max_tokens is not None and sampling.max_tokens > room:
-            raise bad_param("max_tokens", f"max_tokens={sampling.max_tokens} does not fit: the prompt is "
-                            f"{len(prompt_ids)} tokens of a {self.max_model_len}-token context; ask for at most {room}")
+            raise bad_param(
+                "max_tokens",
+                f"max_tokens={sampling.max_tokens} does not fit: the prompt is "
+                f"{len(prompt_ids)} tokens of a {self.max_model_len}-token context; ask for at most {room}",
+            )
         loop = asyncio.get_running_loop()
         job = _Job(prompt_ids, sampling.max_tokens or room, sampling, stats, loop, body.get("ignore_eos") is True)
         self._jobs.add(job)
@@ -179,9 +245,16 @@ class TransformersEngine(Engine):
                         yield sse(chunk(route, rid, self.name, created, "", None, first=True))
                     yield sse(chunk(route, rid, self.name, created, None, event[1]))
                     if job.sampling.include_usage:
-                        yield sse({"id": rid, "object": chunk(route, rid, "", 0, None, None)["object"],
-                                   "created": created, "model": self.name, "choices": [],
-                                   "usage": usage(len(job.prompt_ids), event[2])})
+                        yield sse(
+                            {
+                                "id": rid,
+                                "object": chunk(route, rid, "", 0, None, None)["object"],
+                                "created": created,
+                                "model": self.name,
+                                "choices": [],
+                                "usage": usage(len(job.prompt_ids), event[2]),
+                            }
+                        )
                     job.stats.finish(len(job.prompt_ids), event[2])  # counted before the client sees the end
                     yield sse("[DONE]")
                     return
@@ -228,9 +301,14 @@ class TransformersEngine(Engine):
             active, step_ids = rows, ids
             while True:
                 # one sequence alone runs unpadded, without a mask: the same numbers as a single-request loop
-                extra = {"attention_mask": mask, "position_ids": positions[:, -step_ids.shape[1]:]} if len(rows) > 1 else {}
-                logits = self.model(input_ids=step_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                                    **extra).logits[:, -1]  # [batch, vocab]
+                extra = (
+                    {"attention_mask": mask, "position_ids": positions[:, -step_ids.shape[1] :]}
+                    if len(rows) > 1
+                    else {}
+                )
+                logits = self.model(
+                    input_ids=step_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra
+                ).logits[:, -1]  # [batch, vocab]
                 tokens = [row.sample(logits[i]) for i, row in enumerate(active)]
                 keep = [i for i, (row, t) in enumerate(zip(active, tokens)) if row.step(t)]
                 if not keep:
@@ -253,8 +331,12 @@ class TransformersEngine(Engine):
         tok = self._encoder
         if route == "chat":
             if not getattr(tok, "chat_template", None):
-                raise APIError(400, f"model {self.name} has no chat template; send a prompt to /v1/completions",
-                               param="messages", code="no_chat_template")
+                raise APIError(
+                    400,
+                    f"model {self.name} has no chat template; send a prompt to /v1/completions",
+                    param="messages",
+                    code="no_chat_template",
+                )
             messages = [{**m, "content": _text_of(m.get("content"), i)} for i, m in enumerate(body["messages"])]
             try:
                 with self._enc_lock:
@@ -271,8 +353,11 @@ class TransformersEngine(Engine):
                 return tok(prompt, add_special_tokens=True)["input_ids"]
         if prompt and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tok) for t in prompt):
             return list(prompt)
-        raise bad_param("prompt", "the transformers engine takes one prompt per request: a string, or a list of "
-                        f"token ids in [0, {len(tok)})")
+        raise bad_param(
+            "prompt",
+            "the transformers engine takes one prompt per request: a string, or a list of "
+            f"token ids in [0, {len(tok)})",
+        )
 
     async def count_tokens(self, text: str) -> int:
         def count() -> int:
@@ -383,27 +468,28 @@ class _Detokenizer:
 
     def _decode(self, final: bool) -> None:
         with self.lock:
-            before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-            after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+            before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+            after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):  # wait for whole characters
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix, self.read = self.read, len(self.ids)
 
     def _release(self, final: bool) -> tuple[str, bool]:
         cut = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i != -1), default=None)
         if cut is not None:
-            out, self.sent, self.stopped = self.text[self.sent:cut], cut, True
+            out, self.sent, self.stopped = self.text[self.sent : cut], cut, True
             return out, True
         end = len(self.text) if final else len(self.text) - self._partial_stop()
-        out = self.text[self.sent:end]
+        out = self.text[self.sent : end]
         self.sent = max(self.sent, end)
         return out, False
 
     def _partial_stop(self) -> int:
         """Length of the longest tail of the unsent text that is the start of a stop string."""
-        tail = self.text[self.sent:]
-        return max((k for s in self.stops for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])),
-                   default=0)
+        tail = self.text[self.sent :]
+        return max(
+            (k for s in self.stops for k in range(1, min(len(s), len(tail) + 1)) if tail.endswith(s[:k])), default=0
+        )
 
 
 def _check_supported(body: dict) -> None:
@@ -411,8 +497,11 @@ def _check_supported(body: dict) -> None:
         if key not in _KNOWN:
             raise APIError(400, f"Unrecognized request argument supplied: {key}", param=key, code="unknown_parameter")
         if key in _NEUTRAL and value is not None and value not in _NEUTRAL[key]:
-            raise bad_param(key, f"{key}={value!r} is not supported by the transformers engine; leave it out "
-                            "(or serve with --engine vllm)")
+            raise bad_param(
+                key,
+                f"{key}={value!r} is not supported by the transformers engine; leave it out "
+                "(or serve with --engine vllm)",
+            )
 
 
 def _text_of(content, i: int) -> str:
@@ -420,5 +509,8 @@ def _text_of(content, i: int) -> str:
         return content or ""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(str(p.get("text", "")) for p in content)
-    raise bad_param(f"messages[{i}].content", f"messages[{i}].content must be a string or a list of text parts "
-                    "({\"type\": \"text\", \"text\": ...}); images and audio are not supported")
+    raise bad_param(
+        f"messages[{i}].content",
+        f"messages[{i}].content must be a string or a list of text parts "
+        '({"type": "text", "text": ...}); images and audio are not supported',
+    )

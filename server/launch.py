@@ -40,8 +40,14 @@ def serve(config: ServeConfig) -> int:
     elif not on_gpu and any(s.quantization in ("8bit", "4bit") for s in config.models):
         raise ValueError("8bit/4bit loading needs a CUDA GPU; this machine has none: remove quantization")
     folders = {spec.name: resolve_folder(spec) for spec in config.models if spec.path}
-    plan = plan_memory(config.models, folders, engine=kind, on_gpu=on_gpu,
-                       gpu_memory_utilization=config.gpu_memory_utilization, budget=config.memory_budget)
+    plan = plan_memory(
+        config.models,
+        folders,
+        engine=kind,
+        on_gpu=on_gpu,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        budget=config.memory_budget,
+    )
     logger.info("memory plan:\n%s", plan.table())
     plan.check()
     try:
@@ -53,7 +59,7 @@ def serve(config: ServeConfig) -> int:
 
 
 def choose_engine(config: ServeConfig) -> str:
-    """"transformers" or "vllm" for ``config.engine`` (auto: vLLM when its Python can import vllm)."""
+    """ "transformers" or "vllm" for ``config.engine`` (auto: vLLM when its Python can import vllm)."""
     if config.engine == "transformers" or all(spec.url for spec in config.models):
         return "transformers"
     from hubprune.server.vllm_engine import vllm_available
@@ -62,9 +68,11 @@ def choose_engine(config: ServeConfig) -> str:
     if vllm_available(python):
         return "vllm"
     if config.engine == "vllm":
-        raise ValueError(f"--engine vllm: {python} cannot import vllm. Create its venv with `python3 dev.py setup` "
-                         "(CPU) or `python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm` (GPU), or point "
-                         "--vllm-python / HUBPRUNE_VLLM_PYTHON at a Python that has vLLM")
+        raise ValueError(
+            f"--engine vllm: {python} cannot import vllm. Create its venv with `python3 dev.py setup` "
+            "(CPU) or `python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm` (GPU), or point "
+            "--vllm-python / HUBPRUNE_VLLM_PYTHON at a Python that has vLLM"
+        )
     logger.info("engine: transformers (no vLLM at %s)", python)
     return "transformers"
 
@@ -100,18 +108,41 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
                 await _start(engine)
         else:
             await asyncio.gather(*(_start(engine) for engine in engines.values()))
-        app = create_app(engines, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
-                         max_queue={s.name: s.max_queue for s in config.models}, info=_info(folders),
-                         shutdown_grace=config.shutdown_grace)
-        server = _Server(app, loop, uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                             access_log=False, lifespan="off",
-                                             timeout_graceful_shutdown=config.shutdown_grace + 5))
+        app = create_app(
+            engines,
+            api_key=config.api_key,
+            max_body_bytes=config.max_body_bytes,
+            max_queue={s.name: s.max_queue for s in config.models},
+            info=_info(folders),
+            shutdown_grace=config.shutdown_grace,
+        )
+        server = _Server(
+            app,
+            loop,
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=config.shutdown_grace + 5,
+            ),
+        )
         state["serving"] = True
-        logger.info("serving %s at http://%s:%d/v1%s", ", ".join(engines), config.host, config.port,
-                    " (API key required)" if config.api_key else "")
+        logger.info(
+            "serving %s at http://%s:%d/v1%s",
+            ", ".join(engines),
+            config.host,
+            config.port,
+            " (API key required)" if config.api_key else "",
+        )
         if not config.api_key and not _loopback(config.host):
-            logger.warning("warning: serving on %s without an API key: anyone who can reach this address can use "
-                           "the models; pass --api-key (or set HUBPRUNE_API_KEY), or bind to 127.0.0.1", config.host)
+            logger.warning(
+                "warning: serving on %s without an API key: anyone who can reach this address can use "
+                "the models; pass --api-key (or set HUBPRUNE_API_KEY), or bind to 127.0.0.1",
+                config.host,
+            )
         await server.serve()
     except asyncio.CancelledError:
         logger.info("interrupted before serving")
@@ -156,9 +187,16 @@ def _engines(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, st
             kv_gib = max(1, int(rows[spec.name].kv // 2**30)) if spec.name in rows else 1
             share = shares.get(spec.name, 1.0)
             utilization = plan.usable * share / plan.device_total if on_gpu and plan.device_total else None
-            engines[spec.name] = VLLMEngine(spec, folder=folders.get(spec.name), python=config.vllm_interpreter(),
-                                            on_gpu=on_gpu, gpu_memory_utilization=utilization, cpu_kv_gib=kv_gib,
-                                            log_dir=config.log_dir, startup_timeout=config.startup_timeout)
+            engines[spec.name] = VLLMEngine(
+                spec,
+                folder=folders.get(spec.name),
+                python=config.vllm_interpreter(),
+                on_gpu=on_gpu,
+                gpu_memory_utilization=utilization,
+                cpu_kv_gib=kv_gib,
+                log_dir=config.log_dir,
+                startup_timeout=config.startup_timeout,
+            )
         else:
             from hubprune.server.embedded import TransformersEngine
 
@@ -176,8 +214,11 @@ def _info(folders: dict[str, str]) -> dict[str, dict]:
         info[name] = {"num_layers": model_facts(folder).num_layers}
         if (Path(folder) / RECORD_FILE).is_file():
             record = PruneRecord.load(folder)
-            info[name].update(base_model=record.base_model, base_num_layers=record.base_num_layers,
-                              removed_layers=record.removed_layers)
+            info[name].update(
+                base_model=record.base_model,
+                base_num_layers=record.base_num_layers,
+                removed_layers=record.removed_layers,
+            )
             chat = record.evaluation.get("chat") or {}
             if chat.get("top1_agreement") is not None:  # measured by hubprune eval --chat
                 info[name]["chat_agreement"] = chat["top1_agreement"]
@@ -194,8 +235,12 @@ def _share_cpu_threads(n_models: int) -> None:
         return
     threads = max(1, len(os.sched_getaffinity(0)) // n_models)
     torch.set_num_threads(threads)
-    logger.info("%d models share %d cores: %d torch thread(s) each (set OMP_NUM_THREADS to choose)",
-                n_models, len(os.sched_getaffinity(0)), threads)
+    logger.info(
+        "%d models share %d cores: %d torch thread(s) each (set OMP_NUM_THREADS to choose)",
+        n_models,
+        len(os.sched_getaffinity(0)),
+        threads,
+    )
 
 
 def _on_gpu(config: ServeConfig, kind: str) -> bool:

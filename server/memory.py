@@ -64,12 +64,17 @@ def model_facts(folder: str | Path) -> ModelFacts:
         params += sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
         size += file.stat().st_size
     return ModelFacts(
-        num_layers=text["num_hidden_layers"], kv_heads=text.get("num_key_value_heads") or heads,
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads, hidden_size=text["hidden_size"],
+        num_layers=text["num_hidden_layers"],
+        kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        hidden_size=text["hidden_size"],
         intermediate_size=text.get("intermediate_size") or 4 * text["hidden_size"],
         dtype=str(text.get("dtype") or text.get("torch_dtype") or "float32"),
-        max_position_embeddings=text.get("max_position_embeddings") or 2048, params=params, file_bytes=size,
-        sliding_layers=sum(t == "sliding_attention" for t in layer_types), sliding_window=text.get("sliding_window"),
+        max_position_embeddings=text.get("max_position_embeddings") or 2048,
+        params=params,
+        file_bytes=size,
+        sliding_layers=sum(t == "sliding_attention" for t in layer_types),
+        sliding_window=text.get("sliding_window"),
     )
 
 
@@ -126,13 +131,17 @@ class MemoryPlan:
         return self.need <= self.usable
 
     def table(self) -> str:
-        head = f"{'model':<24} {'engine':<12} {'dtype':<9} {'params':>8} {'weights':>9} {'KV cache':>9} " \
-               f"{'(context x seqs)':<17} {'runtime':>8} {'total':>9}"
+        head = (
+            f"{'model':<24} {'engine':<12} {'dtype':<9} {'params':>8} {'weights':>9} {'KV cache':>9} "
+            f"{'(context x seqs)':<17} {'runtime':>8} {'total':>9}"
+        )
         rows = [head]
         for m in self.models:
-            rows.append(f"{m.name[:24]:<24} {m.engine:<12} {m.dtype:<9} {m.facts.params / 1e6:>7.1f}M "
-                        f"{_gib(m.weights):>9} {_gib(m.kv):>9} {f'({m.max_model_len} x {m.max_num_seqs})':<17} "
-                        f"{_gib(m.runtime):>8} {_gib(m.total):>9}")
+            rows.append(
+                f"{m.name[:24]:<24} {m.engine:<12} {m.dtype:<9} {m.facts.params / 1e6:>7.1f}M "
+                f"{_gib(m.weights):>9} {_gib(m.kv):>9} {f'({m.max_model_len} x {m.max_num_seqs})':<17} "
+                f"{_gib(m.runtime):>8} {_gib(m.total):>9}"
+            )
         verdict = "fits" if self.fits else "DOES NOT FIT"
         rows.append(f"total {_gib(self.need)} of {_gib(self.usable)} usable ({self.where}): {verdict}")
         return "\n".join(rows)
@@ -146,15 +155,15 @@ class MemoryPlan:
             return
         raise MemoryPlanError(
             f"the models need {_gib(self.need)} but {_gib(self.usable)} is usable ({self.where}); nothing was "
-            "started. What would fit:\n  - " + "\n  - ".join(self.suggestions()) + f"\n\n{self.table()}")
+            "started. What would fit:\n  - " + "\n  - ".join(self.suggestions()) + f"\n\n{self.table()}"
+        )
 
     def suggestions(self) -> list[str]:
         out = []
         for k in range(len(self.models) - 1, 0, -1):
             subset = self.models[:k]
             if sum(m.total for m in subset) <= self.usable:
-                out.append(f"fewer models: {', '.join(m.name for m in subset)} "
-                           f"({_gib(sum(m.total for m in subset))})")
+                out.append(f"fewer models: {', '.join(m.name for m in subset)} ({_gib(sum(m.total for m in subset))})")
                 break
         longest = max(m.max_model_len for m in self.models)
         length = 2 ** (longest.bit_length() - 1) if longest & (longest - 1) else longest // 2
@@ -174,12 +183,21 @@ class MemoryPlan:
                 where = "" if self.on_gpu else "; needs a CUDA GPU"
                 out.append(f"{bits}-bit weights: quantization {q} ({_gib(sum(m.total for m in trial))}{where})")
                 break
-        return out or ["nothing short of more memory: even one model with a 128-token context and 4-bit weights "
-                       "does not fit"]
+        return out or [
+            "nothing short of more memory: even one model with a 128-token context and 4-bit weights does not fit"
+        ]
 
 
-def plan_memory(specs: list[ModelSpec], folders: dict[str, str], *, engine: str, on_gpu: bool,
-                gpu_index: int = 0, gpu_memory_utilization: float = 0.9, budget: int | None = None) -> MemoryPlan:
+def plan_memory(
+    specs: list[ModelSpec],
+    folders: dict[str, str],
+    *,
+    engine: str,
+    on_gpu: bool,
+    gpu_index: int = 0,
+    gpu_memory_utilization: float = 0.9,
+    budget: int | None = None,
+) -> MemoryPlan:
     """Plan the memory of ``specs`` (loaded from ``folders``) for ``engine`` ("transformers" or "vllm")."""
     rows = []
     for spec in specs:
@@ -196,8 +214,19 @@ def plan_memory(specs: list[ModelSpec], folders: dict[str, str], *, engine: str,
             seqs = spec.max_num_seqs
             runtime = 0.25 * GiB + seqs * length * (facts.intermediate_size + 4 * facts.hidden_size) * 4
         tp = spec.tensor_parallel_size if engine == "vllm" else 1
-        rows.append(ModelMemory(spec.name, engine, dtype, facts, length, seqs, per_param and per_param / tp,
-                                runtime, GiB if engine == "vllm" and not on_gpu else 1))
+        rows.append(
+            ModelMemory(
+                spec.name,
+                engine,
+                dtype,
+                facts,
+                length,
+                seqs,
+                per_param and per_param / tp,
+                runtime,
+                GiB if engine == "vllm" and not on_gpu else 1,
+            )
+        )
     usable, where, total = available_memory(on_gpu, gpu_index, gpu_memory_utilization if engine == "vllm" else 0.95)
     if budget is not None and budget < usable:
         usable, where = float(budget), f"memory_budget, {where}"

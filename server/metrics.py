@@ -64,8 +64,9 @@ class RequestStats:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
 
-    def finish(self, prompt_tokens: int | None = None, completion_tokens: int | None = None,
-               status: int | None = None) -> None:
+    def finish(
+        self, prompt_tokens: int | None = None, completion_tokens: int | None = None, status: int | None = None
+    ) -> None:
         if prompt_tokens is not None:
             self.prompt_tokens = prompt_tokens
         if completion_tokens is not None:
@@ -109,14 +110,26 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            lines = _block("hubprune_requests_total", "counter", "Requests answered, by model, endpoint and status.",
-                           [f'{{model="{_esc(m)}",endpoint="{e}",status="{c}"}} {v}'
-                            for (m, e, c), v in sorted(self.requests.items())])
-            for name, data, text in (("hubprune_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
-                                     ("hubprune_generation_tokens_total", self.generation_tokens, "Tokens generated.")):
+            lines = _block(
+                "hubprune_requests_total",
+                "counter",
+                "Requests answered, by model, endpoint and status.",
+                [
+                    f'{{model="{_esc(m)}",endpoint="{e}",status="{c}"}} {v}'
+                    for (m, e, c), v in sorted(self.requests.items())
+                ],
+            )
+            for name, data, text in (
+                ("hubprune_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
+                ("hubprune_generation_tokens_total", self.generation_tokens, "Tokens generated."),
+            ):
                 lines += _block(name, "counter", text, [f'{{model="{_esc(m)}"}} {v}' for m, v in sorted(data.items())])
-            lines += _block("hubprune_requests_in_flight", "gauge", "Requests running or queued.",
-                            [f'{{model="{_esc(m)}"}} {v}' for m, v in sorted(self.in_flight.items())])
+            lines += _block(
+                "hubprune_requests_in_flight",
+                "gauge",
+                "Requests running or queued.",
+                [f'{{model="{_esc(m)}"}} {v}' for m, v in sorted(self.in_flight.items())],
+            )
             for name, hists, text in (
                 ("hubprune_time_to_first_token_seconds", self.ttft, "Time from request to first generated token."),
                 ("hubprune_request_duration_seconds", self.duration, "Time from request to last byte."),

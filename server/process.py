@@ -22,15 +22,17 @@ from pathlib import Path
 import httpx
 
 
-
 class ServeProcess:
     """Runs ``python -m hubprune.cli serve ARGS --port PORT``; ``start`` returns once /health answers 200."""
 
-    def __init__(self, args: list[str], *, port: int | None = None, env: dict | None = None,
-                 log_path: str | Path | None = None):
+    def __init__(
+        self, args: list[str], *, port: int | None = None, env: dict | None = None, log_path: str | Path | None = None
+    ):
         self.args, self.port = list(args), port or free_port()
         self.env = {**os.environ, **(env or {})}
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="hubprune-serve-", suffix=".log")[1])
+        self.log_path = (
+            Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="hubprune-serve-", suffix=".log")[1])
+        )
         self.process: subprocess.Popen | None = None
 
     @property
@@ -40,13 +42,21 @@ class ServeProcess:
     def start(self, timeout: float = 600.0) -> ServeProcess:
         cmd = [sys.executable, "-m", "hubprune.cli", "serve", *self.args, "--port", str(self.port)]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, preexec_fn=die_with_parent())
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                preexec_fn=die_with_parent(),
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"hubprune serve exited with code {self.process.returncode} while starting; "
-                                   f"last lines of {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"hubprune serve exited with code {self.process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return self
@@ -54,8 +64,10 @@ class ServeProcess:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"hubprune serve did not answer {self.url}/health within {timeout:.0f} s; "
-                           f"last lines of {self.log_path}:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"hubprune serve did not answer {self.url}/health within {timeout:.0f} s; "
+            f"last lines of {self.log_path}:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (a clean shutdown that stops every engine), SIGKILL after ``timeout``; the exit code."""

@@ -19,15 +19,22 @@ from starlette.responses import JSONResponse
 
 ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit signed integer, as vLLM's OpenAI server takes (torch takes more)
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
     """An error answered to the client with an HTTP status. Example: ``APIError(400, "bad", param="top_p")``."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
         self.code = code
@@ -62,7 +69,7 @@ def check_request(route: str, body: dict) -> Sampling:
     if route == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise bad_param("messages", "messages must be a non-empty list of {\"role\", \"content\"} objects")
+            raise bad_param("messages", 'messages must be a non-empty list of {"role", "content"} objects')
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise bad_param(f"messages[{i}]", f"messages[{i}] must be an object with a string 'role'")
@@ -96,17 +103,25 @@ def check_request(route: str, body: dict) -> Sampling:
         if not stream:
             raise bad_param("stream_options", "stream_options is only allowed with stream: true")
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise bad_param("stream_options", "stream_options must be an object such as {\"include_usage\": true}")
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                    stream=bool(stream), include_usage=bool((options or {}).get("include_usage")))
+            raise bad_param("stream_options", 'stream_options must be an object such as {"include_usage": true}')
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+        stream=bool(stream),
+        include_usage=bool((options or {}).get("include_usage")),
+    )
 
 
 def completion_id(route: str) -> str:
     return ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def chunk(route: str, rid: str, model: str, created: int, text: str | None, finish: str | None,
-          first: bool = False) -> dict:
+def chunk(
+    route: str, rid: str, model: str, created: int, text: str | None, finish: str | None, first: bool = False
+) -> dict:
     """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""
     if route == "chat":
         delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
@@ -117,21 +132,34 @@ def chunk(route: str, rid: str, model: str, created: int, text: str | None, fini
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def full_response(route: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
     """A whole (non-streamed) ``chat.completion`` or ``text_completion`` object."""
     if route == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": completion_id(route), "object": obj, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": completion_id(route),
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
 def sse(data: dict | str) -> bytes:

@@ -62,9 +62,18 @@ class VLLMEngine(Engine):
 
     kind = "vllm"
 
-    def __init__(self, spec: ModelSpec, *, folder: str | None = None, python: str | Path | None = None,
-                 on_gpu: bool = False, gpu_memory_utilization: float | None = None, cpu_kv_gib: int = 1,
-                 log_dir: str | Path | None = None, startup_timeout: float = 600.0):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        folder: str | None = None,
+        python: str | Path | None = None,
+        on_gpu: bool = False,
+        gpu_memory_utilization: float | None = None,
+        cpu_kv_gib: int = 1,
+        log_dir: str | Path | None = None,
+        startup_timeout: float = 600.0,
+    ):
         super().__init__(spec.name, spec.max_model_len)
         self.spec, self.folder, self.python = spec, folder, python
         self.on_gpu, self.gpu_memory_utilization, self.cpu_kv_gib = on_gpu, gpu_memory_utilization, cpu_kv_gib
@@ -79,10 +88,26 @@ class VLLMEngine(Engine):
         """The vLLM server command line for this model on ``port``."""
         s = self.spec
         dtype = "float32" if s.dtype == "auto" and not self.on_gpu else s.dtype  # bf16 is slow on CPUs without AMX
-        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
-               "--served-model-name", s.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-               "--max-num-seqs", str(s.max_num_seqs), "--tensor-parallel-size", str(s.tensor_parallel_size),
-               "--disable-uvicorn-access-log"]
+        cmd = [
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.folder),
+            "--served-model-name",
+            s.name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--max-num-seqs",
+            str(s.max_num_seqs),
+            "--tensor-parallel-size",
+            str(s.tensor_parallel_size),
+            "--disable-uvicorn-access-log",
+        ]
         if s.max_model_len:
             cmd += ["--max-model-len", str(s.max_model_len)]
         if s.quantization:
@@ -108,15 +133,28 @@ class VLLMEngine(Engine):
             logger.info("%s: starting vLLM on port %d (log: %s)", self.name, port, self.log_path)
             logger.debug("%s: %s", self.name, " ".join(cmd))
             with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env, start_new_session=True, preexec_fn=die_with_parent())
+                self.process = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent(),
+                )
         elif self.spec.url_api_key_env:
             key = os.environ.get(self.spec.url_api_key_env)
             if not key:
-                raise EngineStartError(f"{self.name}: url_api_key_env names ${self.spec.url_api_key_env}, which is not set")
+                raise EngineStartError(
+                    f"{self.name}: url_api_key_env names ${self.spec.url_api_key_env}, which is not set"
+                )
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=httpx.Timeout(60.0, read=None),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+        self.client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(60.0, read=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:
@@ -125,8 +163,10 @@ class VLLMEngine(Engine):
             if self.process is not None and self.process.poll() is not None:
                 code = self.process.returncode
                 await self.close()
-                raise EngineStartError(f"vLLM for {self.name} exited with code {code} while starting. "
-                                       f"Last lines of {self.log_path}:\n{self.log_tail()}")
+                raise EngineStartError(
+                    f"vLLM for {self.name} exited with code {code} while starting. "
+                    f"Last lines of {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 if (await self.client.get("/health", timeout=5.0)).status_code == 200:
                     break
@@ -134,18 +174,27 @@ class VLLMEngine(Engine):
                 pass
             if time.monotonic() - started > self.startup_timeout:
                 await self.close()
-                raise EngineStartError(f"vLLM for {self.name} did not answer {self.url}/health within "
-                                       f"{self.startup_timeout:.0f} s (raise startup_timeout if it is still loading). "
-                                       f"Last lines of {self.log_path}:\n{self.log_tail()}")
+                raise EngineStartError(
+                    f"vLLM for {self.name} did not answer {self.url}/health within "
+                    f"{self.startup_timeout:.0f} s (raise startup_timeout if it is still loading). "
+                    f"Last lines of {self.log_path}:\n{self.log_tail()}"
+                )
             await asyncio.sleep(0.5)
         models = (await self.client.get("/v1/models")).json().get("data", [])
         served = next((m for m in models if m.get("id") == self.name), None)
         if served is None:
-            raise EngineStartError(f"the server at {self.url} does not serve a model named {self.name}; it serves "
-                                   f"{[m.get('id') for m in models]}")
+            raise EngineStartError(
+                f"the server at {self.url} does not serve a model named {self.name}; it serves "
+                f"{[m.get('id') for m in models]}"
+            )
         self.max_model_len = served.get("max_model_len", self.max_model_len)
-        logger.info("%s: vLLM ready at %s after %.0f s (context %s)", self.name, self.url,
-                    time.monotonic() - started, self.max_model_len)
+        logger.info(
+            "%s: vLLM ready at %s after %.0f s (context %s)",
+            self.name,
+            self.url,
+            time.monotonic() - started,
+            self.max_model_len,
+        )
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -156,13 +205,17 @@ class VLLMEngine(Engine):
     async def handle(self, route: str, body: dict, sampling: Sampling, stats: RequestStats) -> Response:
         if sampling.stream and not sampling.include_usage:  # ask for usage to count tokens; dropped on the way back
             body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        request = self.client.build_request("POST", ROUTES[route], content=json.dumps(body).encode(),
-                                            headers={"Content-Type": "application/json"})
+        request = self.client.build_request(
+            "POST", ROUTES[route], content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             upstream = await self.client.send(request, stream=sampling.stream)
         except httpx.TransportError as err:
-            raise APIError(503, f"the vLLM server of {self.name} did not answer ({type(err).__name__}); "
-                           f"its log is {self.log_path}", code="engine_unavailable") from None
+            raise APIError(
+                503,
+                f"the vLLM server of {self.name} did not answer ({type(err).__name__}); its log is {self.log_path}",
+                code="engine_unavailable",
+            ) from None
         if not sampling.stream or upstream.status_code != 200:
             content = await upstream.aread()
             await upstream.aclose()
@@ -171,8 +224,11 @@ class VLLMEngine(Engine):
                 stats.finish(u.get("prompt_tokens"), u.get("completion_tokens"))
             else:
                 stats.finish(status=upstream.status_code)
-            return Response(content, status_code=upstream.status_code,
-                            media_type=upstream.headers.get("content-type", "application/json"))
+            return Response(
+                content,
+                status_code=upstream.status_code,
+                media_type=upstream.headers.get("content-type", "application/json"),
+            )
         return StreamingResponse(self._relay(upstream, stats, sampling.include_usage), media_type="text/event-stream")
 
     async def _relay(self, upstream: httpx.Response, stats: RequestStats, keep_usage: bool):
@@ -185,7 +241,7 @@ class VLLMEngine(Engine):
                 end = buffer.rfind(b"\n\n")
                 if end < 0:
                     continue
-                events, buffer = buffer[:end + 2], buffer[end + 2:]
+                events, buffer = buffer[: end + 2], buffer[end + 2 :]
                 if b'"usage"' in events:
                     events = _take_usage(events, stats, keep_usage)
                 if b"data: [DONE]" in events:  # counted before the client sees the end, not after upstream closes
@@ -198,8 +254,14 @@ class VLLMEngine(Engine):
         except httpx.TransportError as err:  # the vLLM process died or closed the stream mid-answer
             logger.warning("%s: the vLLM stream broke: %s: %s", self.name, type(err).__name__, err)
             stats.finish(status=503)
-            yield sse(APIError(503, f"the vLLM server of {self.name} stopped mid-answer ({type(err).__name__}); "
-                               f"its log is {self.log_path}", code="engine_unavailable").body())
+            yield sse(
+                APIError(
+                    503,
+                    f"the vLLM server of {self.name} stopped mid-answer ({type(err).__name__}); "
+                    f"its log is {self.log_path}",
+                    code="engine_unavailable",
+                ).body()
+            )
             yield sse("[DONE]")
         finally:
             with anyio.CancelScope(shield=True):  # the client may have left: close the upstream stream anyway

@@ -44,12 +44,19 @@ EXAMPLES = [
     "Write a Python function that checks whether a number is prime.",
     "Give three tips for a good night's sleep.",
 ]
-INTRO = ("# ✂️ hubprune compare\nOne prompt, several models, answers streamed side by side: the original beside "
-         "its pruned copies, with time to first token, speed, layers kept and a map of the layers removed.")
+INTRO = (
+    "# ✂️ hubprune compare\nOne prompt, several models, answers streamed side by side: the original beside "
+    "its pruned copies, with time to first token, speed, layers kept and a map of the layers removed."
+)
 
 
-def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None = None,
-              shuffle_seed: int | None = None, examples: list[str] | None = None) -> gr.Blocks:
+def build_app(
+    backends: list[Backend],
+    *,
+    votes_path: str | os.PathLike | None = None,
+    shuffle_seed: int | None = None,
+    examples: list[str] | None = None,
+) -> gr.Blocks:
     """The Blocks app over ``backends`` (two or more). Votes go to ``votes_path`` (JSONL).
 
     ``shuffle_seed`` fixes the order in which blind mode shuffles the panels (default: random).
@@ -68,17 +75,32 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
     with gr.Blocks(title="hubprune compare") as demo:
         gr.Markdown(INTRO)
         with gr.Row(equal_height=True):
-            models = gr.Dropdown(names, value=names[:slots], multiselect=True, max_choices=slots, scale=4,
-                                 label=f"Models (two to {slots})" if slots > 2 else "Models", elem_id="models")
+            models = gr.Dropdown(
+                names,
+                value=names[:slots],
+                multiselect=True,
+                max_choices=slots,
+                scale=4,
+                label=f"Models (two to {slots})" if slots > 2 else "Models",
+                elem_id="models",
+            )
             blind = gr.Checkbox(False, label="Blind A/B: hide names until you vote", scale=1, elem_id="blind")
         with gr.Row(equal_height=True):
-            prompt = gr.Textbox(placeholder="Ask something…", label="prompt", show_label=False, lines=2, scale=6,
-                                 elem_id="prompt", max_length=MAX_PROMPT_CHARS)
+            prompt = gr.Textbox(
+                placeholder="Ask something…",
+                label="prompt",
+                show_label=False,
+                lines=2,
+                scale=6,
+                elem_id="prompt",
+                max_length=MAX_PROMPT_CHARS,
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         with gr.Accordion("Sampling (shared by all panels)", open=False):
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)",
-                                        elem_id="temperature")
+                temperature = gr.Slider(
+                    0, 2, value=0.7, step=0.05, label="temperature (0 = greedy)", elem_id="temperature"
+                )
                 top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="top_p", elem_id="top-p")
                 max_tokens = gr.Slider(1, 1024, value=256, step=1, label="max tokens", elem_id="max-tokens")
                 seed = gr.Number(0, precision=0, minimum=0, label="seed (shared)", elem_id="seed")
@@ -89,8 +111,7 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
             for i in range(slots):
                 with gr.Column(visible=i < 2, elem_id=f"panel-{i}", variant="panel") as column:
                     heading = gr.Markdown(_heading(i, names[i], False), elem_id=f"heading-{i}")
-                    answer = gr.Markdown("", min_height=180, max_height=520, elem_id=f"answer-{i}",
-                                         buttons=["copy"])
+                    answer = gr.Markdown("", min_height=180, max_height=520, elem_id=f"answer-{i}", buttons=["copy"])
                     stats = gr.HTML(stats_html(None, None), elem_id=f"stats-{i}")
                     layers = gr.HTML(layer_map_html(None), elem_id=f"layers-{i}")
                 panels.append((column, heading, answer, stats, layers))
@@ -98,8 +119,10 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
             regenerate = gr.Button("Regenerate (next seed)", elem_id="regenerate")
             clear = gr.Button("Clear", elem_id="clear")
         with gr.Row():
-            vote_buttons = [gr.Button(label, interactive=False, elem_id=f"vote-{key.lower()}")
-                            for key, label in (("A", "A is better"), ("tie", "Tie"), ("B", "B is better"))]
+            vote_buttons = [
+                gr.Button(label, interactive=False, elem_id=f"vote-{key.lower()}")
+                for key, label in (("A", "A is better"), ("tie", "Tie"), ("B", "B is better"))
+            ]
         with gr.Accordion("Where the answers differ (A against B, word by word)", open=True):
             diff = gr.HTML(diff_html("", ""), elem_id="diff")
         state = gr.State(None)
@@ -122,8 +145,17 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
             session = getattr(request, "session_hash", None) or ""
             stop = running[session] = threading.Event()
             try:
-                yield from _compare(text, chosen, (temp, top, tokens, seed_value), blind_mode, previous,
-                                    by_name, shuffler, render, stop)
+                yield from _compare(
+                    text,
+                    chosen,
+                    (temp, top, tokens, seed_value),
+                    blind_mode,
+                    previous,
+                    by_name,
+                    shuffler,
+                    render,
+                    stop,
+                )
             finally:
                 if running.get(session) is stop:
                     del running[session]
@@ -142,15 +174,28 @@ def build_app(backends: list[Backend], *, votes_path: str | os.PathLike | None =
 
         # One round at a time, whoever asks: in-process models share this machine's cores.
         generate = {"concurrency_limit": 1, "concurrency_id": "generate"}
-        run = gr.on([send.click, prompt.submit], compare, [prompt, models, *sampling_inputs, blind, state], outputs,
-                    api_name="compare", **generate)
-        rerun = regenerate.click(again, [state, prompt, temperature, seed], [prompt, seed], api_name="regenerate").then(
-            compare, [prompt, models, *sampling_inputs, blind, state], outputs, api_visibility="private", **generate)
+        run = gr.on(
+            [send.click, prompt.submit],
+            compare,
+            [prompt, models, *sampling_inputs, blind, state],
+            outputs,
+            api_name="compare",
+            **generate,
+        )
+        rerun = regenerate.click(
+            again, [state, prompt, temperature, seed], [prompt, seed], api_name="regenerate"
+        ).then(
+            compare, [prompt, models, *sampling_inputs, blind, state], outputs, api_visibility="private", **generate
+        )
         clear.click(reset, None, [prompt, *outputs], api_name="clear", cancels=[run, rerun])
         for button, key in zip(vote_buttons, ("A", "tie", "B")):
             button.click(lambda r, k=key: vote(k, r), [state], outputs, api_name=f"vote_{key.lower()}")
-        models.change(lambda chosen: [gr.update(visible=i < max(2, len(chosen or []))) for i in range(slots)],
-                      [models], [p[0] for p in panels], api_visibility="private")
+        models.change(
+            lambda chosen: [gr.update(visible=i < max(2, len(chosen or []))) for i in range(slots)],
+            [models],
+            [p[0] for p in panels],
+            api_visibility="private",
+        )
         demo.unload(stop_session)  # a closed tab stops its round too
     logger.info("app ready: %s; votes go to %s", ", ".join(names), votes)
     return demo
@@ -174,13 +219,26 @@ def _compare(text, chosen, sampling_values, blind_mode, previous, by_name, shuff
     if blind_mode:
         shuffler.shuffle(order)
     now = time.perf_counter()
-    round_ = {"prompt": prompt, "models": order, "sampling": sampling.to_dict(), "blind": bool(blind_mode),
-              "texts": [""] * len(order), "errors": [None] * len(order), "infos": [None] * len(order),
-              "stats": [PanelStats(started=now) for _ in order], "done": False, "vote": None}
+    round_ = {
+        "prompt": prompt,
+        "models": order,
+        "sampling": sampling.to_dict(),
+        "blind": bool(blind_mode),
+        "texts": [""] * len(order),
+        "errors": [None] * len(order),
+        "infos": [None] * len(order),
+        "stats": [PanelStats(started=now) for _ in order],
+        "done": False,
+        "vote": None,
+    }
     events: queue.Queue = queue.Queue()
     for slot, name in enumerate(order):
-        threading.Thread(target=_pump, args=(slot, by_name[name], prompt, sampling, events, stop),
-                         name=f"hubprune-panel-{slot}", daemon=True).start()
+        threading.Thread(
+            target=_pump,
+            args=(slot, by_name[name], prompt, sampling, events, stop),
+            name=f"hubprune-panel-{slot}",
+            daemon=True,
+        ).start()
     yield render(round_, "Streaming…")
     finished, last_yield = 0, 0.0
     try:
@@ -207,7 +265,10 @@ def _check_request(prompt: str, chosen: list[str], blind_mode: bool, by_name: di
     if not prompt:
         return "Type a prompt first: nothing was sent."
     if len(prompt) > MAX_PROMPT_CHARS:
-        return f"The prompt has {len(prompt):,} characters; this app takes at most {MAX_PROMPT_CHARS:,}. Nothing was sent."
+        return (
+            f"The prompt has {len(prompt):,} characters; this app takes at most {MAX_PROMPT_CHARS:,}. "
+            "Nothing was sent."
+        )
     unknown = [c for c in chosen if c not in by_name]
     if unknown:
         return f"Unknown model {unknown[0]!r}; choose from {', '.join(by_name)}"
@@ -220,8 +281,9 @@ def _check_request(prompt: str, chosen: list[str], blind_mode: bool, by_name: di
     return None
 
 
-def _pump(slot: int, backend: Backend, prompt: str, sampling: Sampling, events: queue.Queue,
-          stop: threading.Event) -> None:
+def _pump(
+    slot: int, backend: Backend, prompt: str, sampling: Sampling, events: queue.Queue, stop: threading.Event
+) -> None:
     """Stream one backend into the shared queue; its failure becomes an event for its panel only."""
     try:
         events.put((slot, "info", asdict(backend.info())))
@@ -266,8 +328,14 @@ def _vote(choice: str, round_: dict | None, votes: Path) -> tuple[dict | None, s
         return round_, f"You already voted {round_['vote']} on this round."
     if len(round_["models"]) != 2:
         return round_, "Votes compare exactly two models."
-    append_vote(votes, prompt=round_["prompt"], models=round_["models"], vote=choice,
-                sampling=round_["sampling"], blind=round_["blind"])
+    append_vote(
+        votes,
+        prompt=round_["prompt"],
+        models=round_["models"],
+        vote=choice,
+        sampling=round_["sampling"],
+        blind=round_["blind"],
+    )
     round_ = {**round_, "vote": choice}
     a, b = round_["models"]
     verdict = "a tie" if choice == "tie" else f"{choice} is better"
@@ -284,14 +352,24 @@ def _render(round_: dict | None, message: str, slots: int, names: list[str]) -> 
             values += [gr.update(visible=False), "", "", stats_html(None, None), layer_map_html(None)]
             continue
         if round_ is None:
-            values += [gr.update(visible=True), _heading(i, shown[i], False), "", stats_html(None, None),
-                       layer_map_html(None)]
+            values += [
+                gr.update(visible=True),
+                _heading(i, shown[i], False),
+                "",
+                stats_html(None, None),
+                layer_map_html(None),
+            ]
             continue
         info, error, text = round_["infos"][i], round_["errors"][i], round_["texts"][i]
         name = f"Model {LETTERS[i]}" if hidden else shown[i]
         answer = text + (f"\n\n> **{name} failed:** {error}" if error else "")
-        values += [gr.update(visible=True), _heading(i, shown[i], hidden), answer,
-                   stats_html(round_["stats"][i], info, hide_identity=hidden), layer_map_html(info, hidden=hidden)]
+        values += [
+            gr.update(visible=True),
+            _heading(i, shown[i], hidden),
+            answer,
+            stats_html(round_["stats"][i], info, hide_identity=hidden),
+            layer_map_html(info, hidden=hidden),
+        ]
     if round_ and round_["done"] and len(shown) >= 2:
         labels = ("A", "B") if hidden else (f"A ({shown[0]})", f"B ({shown[1]})")
         values.append(diff_html(round_["texts"][0], round_["texts"][1], labels))
@@ -318,8 +396,10 @@ def models_from_env(app_dir: Path | None = None) -> list[str]:
 
         listed = list((metadata_load(readme) or {}).get("models") or [])
     if len(listed) < 2:
-        raise ValueError("no models to compare: set HUBPRUNE_MODELS=ORIGINAL,PRUNED (Hub ids or folders) "
-                         "or list them under models: in the Space's README.md")
+        raise ValueError(
+            "no models to compare: set HUBPRUNE_MODELS=ORIGINAL,PRUNED (Hub ids or folders) "
+            "or list them under models: in the Space's README.md"
+        )
     return listed
 
 
@@ -329,8 +409,11 @@ def main() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        backends = make_backends(models_from_env(), os.environ.get("HUBPRUNE_SERVER_URL") or None,
-                                 device=os.environ.get("HUBPRUNE_DEVICE", "auto"))
+        backends = make_backends(
+            models_from_env(),
+            os.environ.get("HUBPRUNE_SERVER_URL") or None,
+            device=os.environ.get("HUBPRUNE_DEVICE", "auto"),
+        )
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"app.py: {err}") from None
     build_app(backends).queue().launch()

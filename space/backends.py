@@ -111,8 +111,9 @@ class InProcessBackend(Backend):
     Example: ``InProcessBackend("HuggingFaceTB/SmolLM2-135M-Instruct", device="cpu")``
     """
 
-    def __init__(self, source: str | os.PathLike, *, name: str | None = None, device: str = "auto",
-                 dtype: str = "float32"):
+    def __init__(
+        self, source: str | os.PathLike, *, name: str | None = None, device: str = "auto", dtype: str = "float32"
+    ):
         from hubprune.loading import load_model
 
         self.source = os.fspath(source)
@@ -126,10 +127,15 @@ class InProcessBackend(Backend):
     def info(self) -> ModelInfo:
         layers = self.model.config.get_text_config().num_hidden_layers
         return ModelInfo(
-            name=self.name, kind="in-process", layers=layers,
-            base_layers=self._facts.get("base_layers", layers), removed_layers=self._facts.get("removed_layers", []),
+            name=self.name,
+            kind="in-process",
+            layers=layers,
+            base_layers=self._facts.get("base_layers", layers),
+            removed_layers=self._facts.get("removed_layers", []),
             base_model=self._facts.get("base_model") or self.origin.base_model,
-            parameters=self.parameters, memory=self._memory(), chat_agreement=self._facts.get("chat_agreement"),
+            parameters=self.parameters,
+            memory=self._memory(),
+            chat_agreement=self._facts.get("chat_agreement"),
         )
 
     def _memory(self) -> str:
@@ -152,7 +158,9 @@ class InProcessBackend(Backend):
         streamer = _counting_streamer_class()(self.tokenizer, out, skip_prompt=True, skip_special_tokens=True)
         generation, eos = self.model.generation_config, self.tokenizer.eos_token_id
         config = GenerationConfig(
-            max_new_tokens=sampling.max_tokens, do_sample=False, bos_token_id=generation.bos_token_id,
+            max_new_tokens=sampling.max_tokens,
+            do_sample=False,
+            bos_token_id=generation.bos_token_id,
             eos_token_id=generation.eos_token_id if generation.eos_token_id is not None else eos,
             pad_token_id=generation.pad_token_id if generation.pad_token_id is not None else eos,
         )
@@ -164,9 +172,13 @@ class InProcessBackend(Backend):
         def generate() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**inputs, generation_config=config, logits_processor=processors,
-                                        stopping_criteria=StoppingCriteriaList([_StopWhen(out.stopped)]),
-                                        streamer=streamer)
+                    self.model.generate(
+                        **inputs,
+                        generation_config=config,
+                        logits_processor=processors,
+                        stopping_criteria=StoppingCriteriaList([_StopWhen(out.stopped)]),
+                        streamer=streamer,
+                    )
             except BaseException as err:  # reported to the consumer below, not lost in the thread
                 errors.append(err)
                 streamer.end()
@@ -186,8 +198,12 @@ class InProcessBackend(Backend):
     def _encode(self, prompt: str) -> dict:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_dict=True, return_tensors="pt")
+            enc = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_dict=True,
+                return_tensors="pt",
+            )
         else:  # a base model: the prompt as plain text
             enc = tok(prompt, return_tensors="pt")
         return {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -261,8 +277,16 @@ class OpenAIBackend(Backend):
     Example: ``OpenAIBackend("smollm2-24l", "http://127.0.0.1:8000/v1", folder="out/smollm2-24l")``
     """
 
-    def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
-                 name: str | None = None, folder: str | os.PathLike | None = None, timeout: float = 120.0):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        name: str | None = None,
+        folder: str | os.PathLike | None = None,
+        timeout: float = 120.0,
+    ):
         from openai import OpenAI
 
         base_url = base_url or os.environ.get("HUBPRUNE_SERVER_URL")
@@ -308,8 +332,15 @@ class OpenAIBackend(Backend):
         """A streamed chat completion; a plain completion for a model without a chat template (a base model)."""
         import openai
 
-        options = {"model": self.model, "stream": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                   "max_tokens": sampling.max_tokens, "seed": sampling.seed, "stream_options": {"include_usage": True}}
+        options = {
+            "model": self.model,
+            "stream": True,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "seed": sampling.seed,
+            "stream_options": {"include_usage": True},
+        }
         if self._chat:
             try:
                 return self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **options)
@@ -322,10 +353,17 @@ class OpenAIBackend(Backend):
 
     def info(self) -> ModelInfo:
         facts = self._static_facts()
-        return ModelInfo(name=self.name, kind="server", layers=facts.get("layers"),
-                         base_layers=facts.get("base_layers"), removed_layers=facts.get("removed_layers", []),
-                         base_model=facts.get("base_model"), parameters=facts.get("parameters"),
-                         memory=self._memory(facts), chat_agreement=facts.get("chat_agreement"))
+        return ModelInfo(
+            name=self.name,
+            kind="server",
+            layers=facts.get("layers"),
+            base_layers=facts.get("base_layers"),
+            removed_layers=facts.get("removed_layers", []),
+            base_model=facts.get("base_model"),
+            parameters=facts.get("parameters"),
+            memory=self._memory(facts),
+            chat_agreement=facts.get("chat_agreement"),
+        )
 
     def _static_facts(self) -> dict:
         if self._facts is None:
@@ -335,7 +373,14 @@ class OpenAIBackend(Backend):
                 extra = entry.get("hubprune") if entry.get("id") == self.model else None
                 if isinstance(extra, dict):  # facts the server adds beside the OpenAI fields, if any
                     extra = {"layers": extra.get("num_layers"), "base_layers": extra.get("base_num_layers"), **extra}
-                    for key in ("layers", "base_layers", "removed_layers", "base_model", "parameters", "chat_agreement"):
+                    for key in (
+                        "layers",
+                        "base_layers",
+                        "removed_layers",
+                        "base_model",
+                        "parameters",
+                        "chat_agreement",
+                    ):
                         if extra.get(key) is not None:
                             facts.setdefault(key, extra[key])
             for key, value in self.known.items():
@@ -380,16 +425,19 @@ class OpenAIBackend(Backend):
 # Helpers
 
 
-def make_backends(models: list[str], server_url: str | None = None, *, device: str = "auto",
-                  api_key: str | None = None) -> list[Backend]:
+def make_backends(
+    models: list[str], server_url: str | None = None, *, device: str = "auto", api_key: str | None = None
+) -> list[Backend]:
     """Backends for ``models`` (paths, Hub ids or ``NAME=PATH``): on ``server_url`` if given, else in process.
 
     Example: ``make_backends(["HuggingFaceTB/SmolLM2-135M-Instruct", "out/smollm2-24l"], device="cpu")``
     """
     specs = model_specs(models)
     if server_url:
-        backends = [OpenAIBackend(name, server_url, api_key=api_key, name=name,
-                                  folder=path if Path(path).is_dir() else None) for name, path in specs]
+        backends = [
+            OpenAIBackend(name, server_url, api_key=api_key, name=name, folder=path if Path(path).is_dir() else None)
+            for name, path in specs
+        ]
         _originals_from_records(backends, [path for _, path in specs])
         return backends
     return [InProcessBackend(path, name=name, device=device) for name, path in specs]
@@ -401,15 +449,20 @@ def _originals_from_records(backends: list[OpenAIBackend], paths: list[str]) -> 
     for backend, path in zip(backends, paths):
         known = next((r for r in records if r.get("base_model") == path), None)
         if backend.folder is None and known:
-            backend.known = {"layers": known["base_layers"], "base_layers": known["base_layers"], "base_model": path,
-                             "parameters": known.get("base_parameters")}
+            backend.known = {
+                "layers": known["base_layers"],
+                "base_layers": known["base_layers"],
+                "base_model": path,
+                "parameters": known.get("base_parameters"),
+            }
 
 
 def model_specs(models: list[str]) -> list[tuple[str, str]]:
     """(name, path) of each of two or more models with distinct names; ValueError otherwise."""
     if len(models) < 2:
-        raise ValueError(f"compare needs two or more models (the original and a pruned copy), got {len(models)}: "
-                         f"{models}")
+        raise ValueError(
+            f"compare needs two or more models (the original and a pruned copy), got {len(models)}: {models}"
+        )
     specs = [parse_model(m) for m in models]
     names = [name for name, _ in specs]
     if len(set(names)) != len(names):
@@ -456,8 +509,12 @@ def folder_facts(folder: Path) -> dict:
 
 def record_facts(record: dict) -> dict:
     """The facts a ``hubprune.json`` record gives: layers kept of the original, which were removed, parameters."""
-    facts = {"layers": len(record["kept_layers"]), "base_layers": record["base_num_layers"],
-             "removed_layers": list(record["removed_layers"]), "base_model": record.get("base_model")}
+    facts = {
+        "layers": len(record["kept_layers"]),
+        "base_layers": record["base_num_layers"],
+        "removed_layers": list(record["removed_layers"]),
+        "base_model": record.get("base_model"),
+    }
     if record.get("parameters_after"):
         facts["parameters"] = record["parameters_after"]
     if record.get("parameters_before"):
@@ -499,7 +556,7 @@ def _safetensors_parameters(shards: list[Path]) -> int | None:
 
 def memory_from_metrics(text: str, model: str) -> int | None:
     """A memory figure in bytes for ``model`` from Prometheus text, if the server exports one."""
-    pattern = re.compile(r'^(\w*(?:memory|rss)\w*bytes\w*)\{([^}]*)\}\s+([0-9.eE+]+)\s*$', re.MULTILINE)
+    pattern = re.compile(r"^(\w*(?:memory|rss)\w*bytes\w*)\{([^}]*)\}\s+([0-9.eE+]+)\s*$", re.MULTILINE)
     for _name, labels, value in pattern.findall(text):
         if f'model="{model}"' in labels:
             return int(float(value))

@@ -87,38 +87,55 @@ def stats_html(stats: PanelStats | None, info: dict | None, *, hide_identity: bo
         shown = pending if value is None else html.escape(fmt(value))
         data = "" if value is None or isinstance(value, str) else f' data-value="{value}"'
         wide = "grid-column:1/-1;" if key in ("memory", "hidden") else ""
-        cards.append(f'<div style="{wide}border:1px solid rgba(127,127,127,.25);border-radius:6px;padding:3px 8px">'
-                     f'<div style="{_MUTED};font-size:0.75em">{label}</div>'
-                     f'<div data-fig="{key}"{data} style="font-weight:600;font-variant-numeric:tabular-nums">'
-                     f'{shown}</div></div>')
-    return ('<div class="hubprune-stats" style="display:grid;grid-template-columns:repeat(auto-fill,minmax(118px,1fr));'
-            f'gap:6px;margin:4px 0 8px">{"".join(cards)}</div>')
+        cards.append(
+            f'<div style="{wide}border:1px solid rgba(127,127,127,.25);border-radius:6px;padding:3px 8px">'
+            f'<div style="{_MUTED};font-size:0.75em">{label}</div>'
+            f'<div data-fig="{key}"{data} style="font-weight:600;font-variant-numeric:tabular-nums">'
+            f"{shown}</div></div>"
+        )
+    return (
+        '<div class="hubprune-stats" style="display:grid;grid-template-columns:repeat(auto-fill,minmax(118px,1fr));'
+        f'gap:6px;margin:4px 0 8px">{"".join(cards)}</div>'
+    )
 
 
 def layer_map_html(info: dict | None, *, hidden: bool = False) -> str:
     """A strip of one cell per layer of the original; removed layers are red and crossed out."""
     if hidden:
-        return f'<div class="hubprune-layermap" style="{_MUTED};font-size:0.85em">layer map hidden until you vote</div>'
+        return (
+            f'<div class="hubprune-layermap" style="{_MUTED};font-size:0.85em">layer map hidden until you vote</div>'
+        )
     base = (info or {}).get("base_layers")
     if not base:
-        return (f'<div class="hubprune-layermap" style="{_MUTED};font-size:0.85em">'
-                'layer map n/a (layer count unknown)</div>')
+        return (
+            f'<div class="hubprune-layermap" style="{_MUTED};font-size:0.85em">'
+            "layer map n/a (layer count unknown)</div>"
+        )
     removed = set((info or {}).get("removed_layers") or [])
     cells = []
     for i in range(base):
         gone = i in removed
-        style = (f"flex:1;min-width:6px;height:22px;border-radius:3px;background:{REMOVED if gone else KEPT};"
-                 "color:white;font-size:9px;line-height:22px;text-align:center;overflow:hidden;"
-                 + ("background-image:repeating-linear-gradient(45deg,transparent 0 3px,rgba(255,255,255,.45) 3px 5px)"
-                    if gone else ""))
-        cells.append(f'<div class="layer {"removed" if gone else "kept"}" data-layer="{i}" '
-                     f'title="layer {i}: {"removed" if gone else "kept"}" style="{style}">{i}</div>')
-    summary = (f"removed {describe_layers(sorted(removed))} of {base}" if removed else f"all {base} layers (original)")
-    return (f'<div class="hubprune-layermap" data-removed="{",".join(map(str, sorted(removed)))}">'
-            f'<div style="display:flex;gap:2px">{"".join(cells)}</div>'
-            f'<div style="{_MUTED};font-size:0.8em;margin-top:3px">'
-            f'<span style="color:{KEPT}">■</span> kept <span style="color:{REMOVED}">■</span> removed · '
-            f'{html.escape(summary)}</div></div>')
+        style = (
+            f"flex:1;min-width:6px;height:22px;border-radius:3px;background:{REMOVED if gone else KEPT};"
+            "color:white;font-size:9px;line-height:22px;text-align:center;overflow:hidden;"
+            + (
+                "background-image:repeating-linear-gradient(45deg,transparent 0 3px,rgba(255,255,255,.45) 3px 5px)"
+                if gone
+                else ""
+            )
+        )
+        cells.append(
+            f'<div class="layer {"removed" if gone else "kept"}" data-layer="{i}" '
+            f'title="layer {i}: {"removed" if gone else "kept"}" style="{style}">{i}</div>'
+        )
+    summary = f"removed {describe_layers(sorted(removed))} of {base}" if removed else f"all {base} layers (original)"
+    return (
+        f'<div class="hubprune-layermap" data-removed="{",".join(map(str, sorted(removed)))}">'
+        f'<div style="display:flex;gap:2px">{"".join(cells)}</div>'
+        f'<div style="{_MUTED};font-size:0.8em;margin-top:3px">'
+        f'<span style="color:{KEPT}">■</span> kept <span style="color:{REMOVED}">■</span> removed · '
+        f"{html.escape(summary)}</div></div>"
+    )
 
 
 def diff_html(a: str, b: str, labels: tuple[str, str] = ("A", "B")) -> str:
@@ -137,16 +154,22 @@ def diff_html(a: str, b: str, labels: tuple[str, str] = ("A", "B")) -> str:
             parts.append(left)
             continue
         if left:
-            parts.append(f'<del class="only-a" title="only in {html.escape(labels[0])}" '
-                         f'style="background:#fde2e2;color:#9b1c1c">{left}</del>')
+            parts.append(
+                f'<del class="only-a" title="only in {html.escape(labels[0])}" '
+                f'style="background:#fde2e2;color:#9b1c1c">{left}</del>'
+            )
         if right:
-            parts.append(f'<ins class="only-b" title="only in {html.escape(labels[1])}" '
-                         f'style="background:#dcfce7;color:#166534;text-decoration:none">{right}</ins>')
+            parts.append(
+                f'<ins class="only-b" title="only in {html.escape(labels[1])}" '
+                f'style="background:#dcfce7;color:#166534;text-decoration:none">{right}</ins>'
+            )
     same = matcher.ratio()
-    head = (f'<div style="{_MUTED};font-size:0.85em;margin-bottom:6px" data-fig="similarity" data-value="{same:.4f}">'
-            f'{same:.0%} of words shared · <span style="background:#fde2e2;color:#9b1c1c">only in '
-            f'{html.escape(labels[0])}</span> · <span style="background:#dcfce7;color:#166534">'
-            f'only in {html.escape(labels[1])}</span></div>')
+    head = (
+        f'<div style="{_MUTED};font-size:0.85em;margin-bottom:6px" data-fig="similarity" data-value="{same:.4f}">'
+        f'{same:.0%} of words shared · <span style="background:#fde2e2;color:#9b1c1c">only in '
+        f'{html.escape(labels[0])}</span> · <span style="background:#dcfce7;color:#166534">'
+        f"only in {html.escape(labels[1])}</span></div>"
+    )
     body = f'<div style="white-space:pre-wrap;line-height:1.6">{"".join(parts)}</div>'
     return f'<div class="hubprune-diff">{head}{body}</div>'
 

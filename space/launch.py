@@ -26,9 +26,19 @@ from hubprune.space.backends import make_backends, model_specs, parse_model
 logger = logging.getLogger(__name__)
 
 
-def run_compare(models: list[str], *, server_url: str | None = None, host: str = "127.0.0.1", port: int = 7860,
-                open_browser: bool = True, votes_path: str | None = None, device: str = "auto",
-                use_server: bool = True, engine: str | None = None, server_timeout: float = 600.0) -> None:
+def run_compare(
+    models: list[str],
+    *,
+    server_url: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    open_browser: bool = True,
+    votes_path: str | None = None,
+    device: str = "auto",
+    use_server: bool = True,
+    engine: str | None = None,
+    server_timeout: float = 600.0,
+) -> None:
     """Serve the app for ``models`` until interrupted (Ctrl-C or SIGTERM); prints its URL once it answers."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
@@ -45,8 +55,9 @@ def run_compare(models: list[str], *, server_url: str | None = None, host: str =
     try:
         backends = make_backends(models, server_url, device=device)
         demo = build_app(backends, votes_path=votes_path)
-        demo.queue().launch(server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True,
-                            quiet=True)
+        demo.queue().launch(
+            server_name=host, server_port=port, inbrowser=open_browser, prevent_thread_lock=True, quiet=True
+        )
         source = f"server {server_url}" if server_url else "models loaded in this process"
         print(f"hubprune compare: {' vs '.join(b.name for b in backends)} ({source}) at {demo.local_url}", flush=True)
         try:
@@ -72,14 +83,33 @@ class LocalServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.names = [parse_model(m)[0] for m in models]
-        command = [sys.executable, "-m", "hubprune.cli", "serve", *models, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--device", device, *(["--engine", engine] if engine else []),
-                   "--shutdown-grace", "1"]  # its only client is this app, which is going away
+        command = [
+            sys.executable,
+            "-m",
+            "hubprune.cli",
+            "serve",
+            *models,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            device,
+            *(["--engine", engine] if engine else []),
+            "--shutdown-grace",
+            "1",
+        ]  # its only client is this app, which is going away
         logger.info("starting %s", " ".join(command))
         # its own session: a Ctrl-C reaches only this app, which closes its streams first and then stops the
         # server; die_with_parent: a SIGKILLed app leaves no server behind
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True, preexec_fn=die_with_parent())
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         self.tail: collections.deque[str] = collections.deque(maxlen=20)
         self.ready = False
         threading.Thread(target=self._relay, daemon=True).start()
@@ -103,8 +133,9 @@ class LocalServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 time.sleep(0.2)  # let the relay thread read the last lines
-                raise RuntimeError(f"hubprune serve exited with status {self.process.returncode}:\n"
-                                   + "\n".join(self.tail))
+                raise RuntimeError(
+                    f"hubprune serve exited with status {self.process.returncode}:\n" + "\n".join(self.tail)
+                )
             try:
                 listed = httpx.get(f"{self.url}/models", headers=headers, timeout=2).json().get("data", [])
                 if set(self.names) <= {m.get("id") for m in listed}:

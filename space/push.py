@@ -26,8 +26,10 @@ def space_operations(models: list[str]) -> list:
 
     missing = [name for name in ("README.md", *APP_FILES) if not (HERE / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"this hubprune install lacks {', '.join(missing)} in {HERE}; install hubprune from "
-                                "its repository (pip install -e .) to push a Space")
+        raise FileNotFoundError(
+            f"this hubprune install lacks {', '.join(missing)} in {HERE}; install hubprune from "
+            "its repository (pip install -e .) to push a Space"
+        )
     card = SpaceCard.load(HERE / "README.md")
     card.data.models = list(models)
     operations = [CommitOperationAdd("README.md", str(card).encode())]
@@ -37,8 +39,15 @@ def space_operations(models: list[str]) -> list:
     return operations
 
 
-def push_space(repo_id: str, models: list[str], *, private: bool | None = None, token: str | None = None,
-               commit_message: str | None = None, retries: int = 4):
+def push_space(
+    repo_id: str,
+    models: list[str],
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    retries: int = 4,
+):
     """Create (or update) the Space ``repo_id`` comparing ``models``; returns the ``CommitInfo``. Never logs the token.
 
     Example: ``push_space("me/smollm2-compare", ["HuggingFaceTB/SmolLM2-135M-Instruct", "me/smollm2-24l"])``
@@ -68,8 +77,9 @@ def check_space_models(models: list[str]) -> list[str]:
 
     models = [m.strip() for item in models for m in item.split(",") if m.strip()]
     if len(models) < 2:
-        raise ValueError(f"a comparison Space needs two or more models, got {len(models)}: "
-                         "pass --models ORIGINAL PRUNED")
+        raise ValueError(
+            f"a comparison Space needs two or more models, got {len(models)}: pass --models ORIGINAL PRUNED"
+        )
     if len(set(models)) != len(models):
         raise ValueError(f"--models names a model twice: {models}")
     for model in models:
@@ -79,16 +89,21 @@ def check_space_models(models: list[str]) -> list[str]:
         except HFValidationError:
             local = True
         if local or model.count("/") != 1:
-            raise ValueError(f"{model!r} is not a Hub id (org/name); a Space loads models from the Hub, so push a "
-                             "pruned folder first with `hubprune push FOLDER user/name` and give that id")
+            raise ValueError(
+                f"{model!r} is not a Hub id (org/name); a Space loads models from the Hub, so push a "
+                "pruned folder first with `hubprune push FOLDER user/name` and give that id"
+            )
     return models
 
 
 def _package_files() -> list[tuple[str, Path]]:
     """(path in the Space, local file) for the hubprune package source and its card templates."""
     package = Path(importlib.util.find_spec("hubprune").origin).parent
-    files = {f"hubprune/{p.relative_to(package).as_posix()}": p for p in package.rglob("*.py")
-             if not _PACKAGE_SKIP & set(p.relative_to(package).parts)}
+    files = {
+        f"hubprune/{p.relative_to(package).as_posix()}": p
+        for p in package.rglob("*.py")
+        if not _PACKAGE_SKIP & set(p.relative_to(package).parts)
+    }
     cards = Path(next(iter(importlib.util.find_spec("hubprune.cards").submodule_search_locations)))
     for path in cards.iterdir():  # an editable install keeps cards/ outside the package folder
         if path.is_file() and path.suffix in (".py", ".j2"):

@@ -29,16 +29,23 @@ def default_votes_path() -> Path:
     return cache_dir() / "votes.jsonl"
 
 
-def append_vote(path: str | os.PathLike, *, prompt: str, models: list[str], vote: str, sampling: dict,
-                blind: bool) -> dict:
+def append_vote(
+    path: str | os.PathLike, *, prompt: str, models: list[str], vote: str, sampling: dict, blind: bool
+) -> dict:
     """Append one vote to the JSONL file at ``path`` (its folder is created); returns the line written.
 
     Example: ``append_vote("votes.jsonl", prompt="Hi", models=["a", "b"], vote="A", sampling={}, blind=True)``
     """
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, got {vote!r}")
-    line = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prompt": prompt,
-            "models": list(models), "vote": vote, "blind": blind, "sampling": dict(sampling)}
+    line = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prompt": prompt,
+        "models": list(models),
+        "vote": vote,
+        "blind": blind,
+        "sampling": dict(sampling),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _LOCK, path.open("a", encoding="utf-8") as f:
