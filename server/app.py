@@ -22,10 +22,10 @@ import time
 import anyio
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hubprune.server.engine import Engine
-from hubprune.server.metrics import Metrics
+from hubprune.server.metrics import CONTENT_TYPE, Metrics
 from hubprune.server.protocol import APIError, bad_param, check_request, sse
 
 logger = logging.getLogger(__name__)
@@ -112,10 +112,12 @@ def create_app(
 
     @app.get("/metrics")
     @_answers_errors
-    async def prometheus() -> PlainTextResponse:
+    async def prometheus() -> Response:
         for name, n in in_flight.items():
-            metrics.in_flight[name] = n
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+            metrics.in_flight.labels(name).set(n)
+        texts = await asyncio.gather(*(e.metrics_text() for e in engines.values()), return_exceptions=True)
+        passed = {name: t for name, t in zip(engines, texts) if isinstance(t, str)}
+        return Response(metrics.render(passed), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     @_answers_errors

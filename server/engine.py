@@ -52,6 +52,10 @@ class Engine(ABC):
     async def close(self) -> None:
         """Free the model / stop the process. Safe to call twice."""
 
+    async def metrics_text(self) -> str | None:
+        """The engine's own Prometheus metrics (passed through /metrics with a model label), if it has any."""
+        return None
+
     def describe(self) -> dict:
         """Extra facts shown in /v1/models under ``hubprune``."""
         return {"engine": self.kind, "max_model_len": self.max_model_len}

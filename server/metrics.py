@@ -1,52 +1,31 @@
-"""Per-model request metrics in Prometheus text format (no client library needed).
+"""Per-model request metrics for ``/metrics``, kept in a per-app prometheus_client registry.
+
+The engines' own metrics (each vLLM process's ``vllm:*``: KV-cache use, queue length, ...) are
+passed through with a ``model`` label naming the served model.
 
 Example::
 
     metrics = Metrics()
     stats = metrics.request("smollm2", "chat")
     stats.first_token(); stats.finish(prompt_tokens=37, completion_tokens=8)
-    print(metrics.render())
+    print(metrics.render().decode())
 """
 
 from __future__ import annotations
 
-import bisect
-import threading
+import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+logger = logging.getLogger(__name__)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
-
-
-@dataclass
-class _Histogram:
-    buckets: tuple
-    counts: list = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, value: float) -> None:
-        if not self.counts:
-            self.counts = [0] * len(self.buckets)
-        i = bisect.bisect_left(self.buckets, value)
-        if i < len(self.counts):
-            self.counts[i] += 1
-        self.total += value
-        self.n += 1
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        counts = self.counts or [0] * len(self.buckets)
-        out, running = [], 0
-        for bound, count in zip(self.buckets, counts):
-            running += count
-            out.append(f'{name}_bucket{{{labels},le="{bound:g}"}} {running}')
-        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.n}')
-        out.append(f"{name}_sum{{{labels}}} {self.total:.6f}")
-        out.append(f"{name}_count{{{labels}}} {self.n}")
-        return out
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class RequestStats:
@@ -79,71 +58,90 @@ class RequestStats:
 
 
 class Metrics:
-    """Counters and histograms per model; ``render()`` gives the Prometheus exposition text."""
+    """Counters and histograms per model in their own registry; ``render()`` gives the exposition text."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple, int] = defaultdict(int)  # (model, endpoint, status) -> count
-        self.prompt_tokens: dict[str, int] = defaultdict(int)
-        self.generation_tokens: dict[str, int] = defaultdict(int)
-        self.in_flight: dict[str, int] = defaultdict(int)
-        self.ttft: dict[str, _Histogram] = defaultdict(lambda: _Histogram(TTFT_BUCKETS))
-        self.duration: dict[str, _Histogram] = defaultdict(lambda: _Histogram(DURATION_BUCKETS))
-        self.decode_tps: dict[str, _Histogram] = defaultdict(lambda: _Histogram(TPS_BUCKETS))
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "hubprune_requests",
+            "Requests answered, by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "hubprune_prompt_tokens", "Prompt tokens processed.", ["model"], registry=registry
+        )
+        self.generation_tokens = Counter(
+            "hubprune_generation_tokens", "Tokens generated.", ["model"], registry=registry
+        )
+        self.in_flight = Gauge(
+            "hubprune_requests_in_flight", "Requests running or queued.", ["model"], registry=registry
+        )
+        self.ttft = Histogram(
+            "hubprune_time_to_first_token_seconds",
+            "Time from request to first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "hubprune_request_duration_seconds",
+            "Time from request to last byte.",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.decode_tps = Histogram(
+            "hubprune_decode_tokens_per_second",
+            "Tokens/s after the first token, per request.",
+            ["model"],
+            buckets=TPS_BUCKETS,
+            registry=registry,
+        )
+        self.engines = _EngineMetrics()
+        registry.register(self.engines)
 
     def request(self, model: str, endpoint: str) -> RequestStats:
         return RequestStats(self, model, endpoint)
 
     def record(self, s: RequestStats) -> None:
         now = time.perf_counter()
-        with self._lock:
-            self.requests[(s.model, s.endpoint, str(s.status))] += 1
-            if s.status != 200:
-                return
-            self.prompt_tokens[s.model] += s.prompt_tokens
-            self.generation_tokens[s.model] += s.completion_tokens
-            self.duration[s.model].observe(now - s.started)
-            if s.first_token_at is not None:
-                self.ttft[s.model].observe(s.first_token_at - s.started)
-                if s.completion_tokens > 1 and now > s.first_token_at:
-                    self.decode_tps[s.model].observe((s.completion_tokens - 1) / (now - s.first_token_at))
+        self.requests.labels(s.model, s.endpoint, str(s.status)).inc()
+        if s.status != 200:
+            return
+        self.prompt_tokens.labels(s.model).inc(s.prompt_tokens)
+        self.generation_tokens.labels(s.model).inc(s.completion_tokens)
+        self.duration.labels(s.model).observe(now - s.started)
+        if s.first_token_at is not None:
+            self.ttft.labels(s.model).observe(s.first_token_at - s.started)
+            if s.completion_tokens > 1 and now > s.first_token_at:
+                self.decode_tps.labels(s.model).observe((s.completion_tokens - 1) / (now - s.first_token_at))
 
-    def render(self) -> str:
-        with self._lock:
-            lines = _block(
-                "hubprune_requests_total",
-                "counter",
-                "Requests answered, by model, endpoint and status.",
-                [
-                    f'{{model="{_esc(m)}",endpoint="{e}",status="{c}"}} {v}'
-                    for (m, e, c), v in sorted(self.requests.items())
-                ],
-            )
-            for name, data, text in (
-                ("hubprune_prompt_tokens_total", self.prompt_tokens, "Prompt tokens processed."),
-                ("hubprune_generation_tokens_total", self.generation_tokens, "Tokens generated."),
-            ):
-                lines += _block(name, "counter", text, [f'{{model="{_esc(m)}"}} {v}' for m, v in sorted(data.items())])
-            lines += _block(
-                "hubprune_requests_in_flight",
-                "gauge",
-                "Requests running or queued.",
-                [f'{{model="{_esc(m)}"}} {v}' for m, v in sorted(self.in_flight.items())],
-            )
-            for name, hists, text in (
-                ("hubprune_time_to_first_token_seconds", self.ttft, "Time from request to first generated token."),
-                ("hubprune_request_duration_seconds", self.duration, "Time from request to last byte."),
-                ("hubprune_decode_tokens_per_second", self.decode_tps, "Tokens/s after the first token, per request."),
-            ):
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"]
-                for model, hist in sorted(hists.items()):
-                    lines += hist.lines(name, f'model="{_esc(model)}"')
-        return "\n".join(lines) + "\n"
+    def render(self, engine_texts: dict[str, str] | None = None) -> bytes:
+        """The exposition text; ``engine_texts``: each model's engine metrics (Prometheus text) to pass through."""
+        self.engines.texts = engine_texts or {}
+        return generate_latest(self.registry)
 
 
-def _block(name: str, kind: str, text: str, samples: list[str]) -> list[str]:
-    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *(name + s for s in samples)]
+class _EngineMetrics:
+    """A collector of the engines' own metrics, merged by family, each sample labelled with its model."""
 
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for model, text in self.texts.items():
+            try:
+                parsed = list(text_string_to_metric_families(text))
+            except ValueError as err:  # one engine's broken text must not break /metrics
+                logger.warning("%s: unreadable engine metrics: %s", model, err)
+                continue
+            for family in parsed:
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.add_sample(sample.name, {**sample.labels, "model": model}, sample.value, sample.timestamp)
+        return list(families.values())
+
+    def describe(self):
+        return []  # registered before any engine has answered: nothing to check names against

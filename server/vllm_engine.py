@@ -273,6 +273,15 @@ class VLLMEngine(Engine):
         response.raise_for_status()
         return response.json()["count"]
 
+    async def metrics_text(self) -> str | None:
+        if self.client is None:
+            return None
+        try:
+            response = await self.client.get("/metrics", timeout=5.0)
+        except httpx.TransportError:
+            return None
+        return response.text if response.status_code == 200 else None
+
     async def health(self) -> bool:
         if self.client is None or (self.process is not None and self.process.poll() is not None):
             return False

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import folder_digest
+from conftest import tiny_tokenizer, folder_digest
 from hubprune.cli import main
 from hubprune.config import Recipe
 
@@ -129,12 +129,14 @@ def test_bad_models(tiny_model_dir, tmp_path, capsys):
     (vision / "model.safetensors").write_bytes(b"")
     _assert_clean_failure(capsys, _prune(vision, out, "--drop", "1"), out, "not a causal language model")
 
-    from transformers import RwkvConfig, RwkvForCausalLM
+    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
 
-    rwkv = tmp_path / "rwkv"  # each block keeps its layer_id, which its forward uses: no layer can move
-    RwkvForCausalLM(RwkvConfig(hidden_size=16, attention_hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                               vocab_size=300, context_length=64)).save_pretrained(rwkv)
-    _assert_clean_failure(capsys, _prune(rwkv, out, "--layers", "1"), out, "cannot keep layer 2 as layer 1")
+    japanese = tmp_path / "gpt-neox-japanese"  # each layer keeps its layer_number, which its forward uses
+    GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3,
+                                                     intermediate_multiple_size=2, vocab_size=300, bos_token_id=1,
+                                                     eos_token_id=2)).save_pretrained(japanese)
+    tiny_tokenizer().save_pretrained(japanese)
+    _assert_clean_failure(capsys, _prune(japanese, out, "--layers", "1"), out, "cannot keep layer 2 as layer 1")
 
 
 def test_empty_calibration_and_output_over_source(tiny_model_dir, tmp_path, capsys):
