@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 from hubprune.record import PLOT_FILE, RECIPE_FILE, PruneRecord
@@ -68,7 +69,7 @@ def render_card(folder: str | Path, repo_id: str | None = None):
         repo_id=repo_id,
         short_name=repo_id.rsplit("/", 1)[-1],
         summary=_summary(record, config),
-        base_model=record.base_model,
+        base_model=base_name(record),
         base_num_layers=record.base_num_layers,
         layer_map=layer_map(record.removed_layers, record.base_num_layers),
         removed_layers=record.removed_layers,
@@ -80,12 +81,26 @@ def render_card(folder: str | Path, repo_id: str | None = None):
         speed_rows=_speed_rows(record),
         speed_device=record.evaluation.get("speed", {}).get("device"),
         healing_rows=_healing_rows(record),
-        recipe_yaml=recipe.read_text() if recipe.is_file() else None,
+        recipe_yaml=_shown_recipe(recipe) if recipe.is_file() else None,
         hubprune_version=record.hubprune_version,
         origin_note=record.origin.get("note"),
         hubprune_serve=importlib.util.find_spec("hubprune.server") is not None,
     )
     return card
+
+
+def _shown_recipe(path: Path) -> str:
+    """The recipe as the card shows it: each absolute path (a local model, the output folder, text
+    files) is shortened to its last part, so the card never prints this machine's folders."""
+    return re.sub(
+        r"^(\s*(?:[\w-]+: |- ))(/[^\n]*)$", lambda m: m.group(1) + Path(m.group(2)).name, path.read_text(), flags=re.M
+    )
+
+
+def base_name(record: PruneRecord) -> str:
+    """How the card names the original: its Hub id, or a local folder's or file's name (never this machine's path)."""
+    name = record.base_model
+    return Path(name).name if Path(name).is_absolute() or record.origin.get("kind") == "local" else name
 
 
 def write_card(folder: str | Path, repo_id: str | None = None) -> Path:
@@ -119,7 +134,7 @@ def _summary(record: PruneRecord, config: dict) -> str:
     n, L = len(record.removed_layers), record.base_num_layers
     saved = 1 - record.parameters_after / record.parameters_before
     text = (
-        f"This is {record.base_model} with {n} of its {L} decoder layers removed "
+        f"This is {base_name(record)} with {n} of its {L} decoder layers removed "
         f"({n / L:.0%} of the depth), leaving {L - n} layers and {_millions(record.parameters_after)} parameters "
         f"({saved:.1%} fewer than the original's {_millions(record.parameters_before)})."
     )
@@ -260,7 +275,7 @@ def _eval_results(record: PruneRecord) -> list:
 
     results = []
     for name, original, pruned, _ in _task_pairs(record):
-        for value, metric_name in ((pruned, "acc_norm"), (original, f"acc_norm of the original {record.base_model}")):
+        for value, metric_name in ((pruned, "acc_norm"), (original, f"acc_norm of the original {base_name(record)}")):
             results.append(
                 EvalResult(
                     task_type="text-generation",
@@ -276,7 +291,7 @@ def _eval_results(record: PruneRecord) -> list:
     if ppl:
         for value, metric_name in (
             (ppl[1], "perplexity"),
-            (ppl[0], f"perplexity of the original {record.base_model}"),
+            (ppl[0], f"perplexity of the original {base_name(record)}"),
         ):
             results.append(
                 EvalResult(

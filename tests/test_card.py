@@ -7,7 +7,7 @@ import re
 import pytest
 from huggingface_hub import ModelCard
 
-from hubprune.card import layer_map, readme_was_edited, render_card, write_card
+from hubprune.card import base_name, layer_map, readme_was_edited, render_card, write_card
 from hubprune.record import PruneRecord
 
 
@@ -72,7 +72,7 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
     card = ModelCard(text)
     results = {(r.dataset_type, r.metric_name): r.metric_value for r in card.data.eval_results}
     assert results[("arc_easy", "acc_norm")] == 0.45
-    assert results[("arc_easy", f"acc_norm of the original {record.base_model}")] == 0.5
+    assert results[("arc_easy", f"acc_norm of the original {base_name(record)}")] == 0.5
     assert results[("heldout", "perplexity")] == 24.0
     assert card.data.model_name == "alice/tiny"
     assert "| arc_easy acc_norm | 0.5000 | 0.4500 | 80% above chance |" in text
@@ -103,3 +103,13 @@ def test_edited_readme_is_detected(tiny_model_dir, tmp_path):
 
 def test_layer_map():
     assert layer_map([2, 3], 12).splitlines() == ["tens   0         1 ", "units  012345678901", "layer  ..xx........"]
+
+
+def test_a_card_of_a_local_folder_names_the_folder_not_this_machines_path(tiny_model_dir, tmp_path):
+    from hubprune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tiny_model_dir), "--layers", "2", "--out", str(out), "-q"]) == 0
+    text = (out / "README.md").read_text()
+    assert str(tiny_model_dir.resolve().parent) not in text and str(tmp_path) not in text
+    assert tiny_model_dir.name in text
