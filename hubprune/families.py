@@ -42,7 +42,8 @@ _BY_MODEL_TYPE = {model_type: family for family in OVERRIDES for model_type in f
 # Architectures whose cut model does not compute what its kept layers computed, although each kept
 # layer is built the same (found by tests/arch_coverage.py, which compares logits): refused with the reason.
 REFUSED = {
-    "dory": "its forward uses the layer count or positions beyond the layers themselves: a cut changes the kept path",
+    "dory": "a cut changes what its kept layers compute (its forward depends on more than each layer's own settings)",
+    "zaya": "a cut changes what its kept layers compute (its forward depends on more than each layer's own settings)",
     "gemma3n_text": "later layers reuse the KV cache of earlier ones by index (num_kv_shared_layers)",
     "gemma3n": "later layers reuse the KV cache of earlier ones by index (num_kv_shared_layers)",
     "inkling2_text": "its config derives sizes from the layer count that a cut makes invalid",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import inspect
+import re
 import sys
 import tempfile
 import warnings
@@ -44,6 +45,7 @@ SMALL = dict(
     bos_token_id=1, eos_token_id=2, image_size=32, patch_size=8, projection_dim=64, vision_hidden_size=64,
     text_hidden_size=64, mm_tokens_per_image=4, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
 )
+SSM = dict(mamba_n_heads=4, mamba_d_head=32, mamba_expand=2, expand=2, num_heads=8)  # tried second: state-space sizes
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
 MLA = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "head_dim", "rotary_dim")
 
@@ -71,12 +73,19 @@ def tiny_configs(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    for keep in ((), LAYER_COUNTS, LAYER_COUNTS + MLA):
+    for keep, extra in [(k, e) for e in ({}, SSM) for k in ((), LAYER_COUNTS, LAYER_COUNTS + MLA)]:
         for carry in (False, True):
-            try:
-                yield _small(cls, cls(), {k: v for k, v in SMALL.items() if k not in keep}, carry)
-            except Exception as err:
-                yield err
+            small = {k: v for k, v in {**SMALL, **extra}.items() if k not in keep}
+            for _ in range(3):  # a config that names a field it refuses: leave that field at its default
+                try:
+                    yield _small(cls, cls(), small, carry)
+                    break
+                except Exception as err:
+                    yield err
+                    named = [k for k in small if re.search(rf"\b{k}\b", str(err))]
+                    if not named:
+                        break
+                    small = {k: v for k, v in small.items() if k not in named}
 
 
 def _small(cls, base, small: dict, carry: bool):
