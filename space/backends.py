@@ -326,7 +326,7 @@ class OpenAIBackend(Backend):
         except openai.APIConnectionError as err:
             raise ConnectionError(f"cannot reach the server at {self.base_url} ({_cause(err)})") from None
         except openai.APIStatusError as err:
-            raise RuntimeError(f"the server answered {err.status_code}: {_server_message(err)}") from None
+            raise RuntimeError(f"the server answered {err.status_code}: {_openai_error_message(err)}") from None
 
     def _request(self, prompt: str, sampling: Sampling):
         """A streamed chat completion; a plain completion for a model without a chat template (a base model)."""
@@ -345,7 +345,7 @@ class OpenAIBackend(Backend):
             try:
                 return self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **options)
             except openai.BadRequestError as err:
-                if "chat template" not in _server_message(err).lower():
+                if "chat template" not in _openai_error_message(err).lower():
                     raise
                 logger.info("%s has no chat template: sending prompts as plain text to /completions", self.model)
                 self._chat = False
@@ -607,7 +607,7 @@ def _cause(err: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}" if cause else str(err)
 
 
-def _server_message(err) -> str:
+def _openai_error_message(err) -> str:
     body = getattr(err, "body", None)
     if isinstance(body, dict):
         message = body.get("message") or (body.get("error") or {}).get("message")
