@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from hubprune.server.process import ServeProcess
-from test_server import engine  # noqa: F401  (the fixture: each test runs on both engines)
+from test_server import engine, metric  # noqa: F401  (engine: the fixture; each test runs on both engines)
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -102,8 +102,6 @@ def test_64_concurrent_streams_over_two_models_finish_with_exact_usage(server, c
     after = client.chat.completions.create(model="original", messages=QUESTION, temperature=0)
     assert "Paris" in after.choices[0].message.content
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'hubprune_requests_in_flight{model="pruned"} 0' in metrics
+    assert metric(metrics, "hubprune_requests_in_flight", model="pruned") == 0
     for model in ("original", "pruned"):
-        line = next(l for l in metrics.splitlines()
-                    if l.startswith(f'hubprune_requests_total{{model="{model}",endpoint="chat",status="200"}}'))
-        assert int(line.split()[-1]) >= 33
+        assert metric(metrics, "hubprune_requests_total", model=model, endpoint="chat", status="200") >= 33
