@@ -1,7 +1,6 @@
 """hubprune: drop the layers a causal LM does not need, heal it, and ship it."""
 
-__version__ = "0.1.0"
-
+from hubprune._version import __version__
 from hubprune.config import CalibrationConfig, PruneConfig, Recipe
 from hubprune.pruner import LayerPruner, PrunedModel
 from hubprune.record import PruneRecord

@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from hubprune import __version__
+from hubprune._version import __version__
 from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
 
 logger = logging.getLogger("hubprune")

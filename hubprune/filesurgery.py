@@ -205,7 +205,7 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
 
 
 def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int) -> None:
-    from hubprune import __version__
+    from hubprune._version import __version__
 
     before, after = count_checkpoint_parameters(source, removed)
     PruneRecord(

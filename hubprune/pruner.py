@@ -214,7 +214,7 @@ class LayerPruner:
         )
 
     def _record(self, pruned, removed: list[int], metric: str) -> PruneRecord:
-        from hubprune import __version__
+        from hubprune._version import __version__
 
         scores: dict[str, Any] = {}
         if self.scan_result is not None and metric != "explicit":

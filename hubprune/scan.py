@@ -202,7 +202,7 @@ class PairStats:
             self.windows += 1
 
     def result(self, name: str, windows: TokenWindows, seconds: float) -> ScanResult:
-        from hubprune import __version__
+        from hubprune._version import __version__
 
         L = self.cos_next.numel()
         mean_all, mean_last = self.angle_all / self.tokens, self.angle_last / self.windows
