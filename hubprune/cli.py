@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
 def cmd_heal(args) -> int:
     from hubprune.io import check_output
     from hubprune.loading import load_model
-    from hubprune.pruner import PrunedModel, _checkpoint_dir
+    from hubprune.pruner import PrunedModel, checkpoint_dir_for
 
     check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
     config = HealConfig(
@@ -140,7 +140,7 @@ def cmd_heal(args) -> int:
         mix=args.mix,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
     )
-    checkpoints = _checkpoint_dir(args.out)
+    checkpoints = checkpoint_dir_for(args.out)
     from accelerate import PartialState
 
     from hubprune.evaluate import heldout_texts

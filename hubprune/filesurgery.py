@@ -27,7 +27,7 @@ from hubprune.config import PruneConfig, Recipe
 from hubprune.families import NOT_TEXT, family_of
 from hubprune.io import atomic_output
 from hubprune.record import RECIPE_FILE, PruneRecord
-from hubprune.surgery import _refuse_index_dependent_layers, check_kept_layers, check_layers, slice_config, slice_copy
+from hubprune.surgery import check_kept_layers, check_layers, refuse_index_dependent_layers, slice_config, slice_copy
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def cut_checkpoint(
     num_layers = config.get_text_config().num_hidden_layers
     removed = check_layers(list(layers), num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
-    _refuse_index_dependent_layers(config, kept)
+    refuse_index_dependent_layers(config, kept)
     check_kept_layers(config, slice_copy(config, kept, num_layers), kept)
     new_index = {old: new for new, old in enumerate(kept)}
     shards = shard_files(source)

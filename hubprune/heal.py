@@ -87,7 +87,7 @@ def heal_model(
     if config.distill > 0 and teacher is None:
         raise ValueError("heal.distill > 0 needs the original model as teacher; pass teacher= or set distill: 0")
     if config.method == "qlora":
-        _require_qlora()
+        require_qlora()
     # cpu=True lets `accelerate launch --multi_gpu --num_processes N` (or torchrun) train on N CPU processes.
     on_cpu = next(model.parameters()).device.type == "cpu"
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=config.grad_accum)
@@ -488,7 +488,7 @@ def _load_checkpoint(path: Path, key: str) -> dict:
     }
 
 
-def _require_qlora(device: torch.device | None = None) -> None:
+def require_qlora(device: torch.device | None = None) -> None:
     # QLoRA runs where bitsandbytes runs 4-bit NF4: a CUDA GPU, or the CPU with a build that has CPU kernels.
     import importlib.util
 

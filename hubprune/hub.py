@@ -45,7 +45,7 @@ def push_folder(
         raise FileNotFoundError(f"{folder} is not a folder; give a folder written by hubprune prune or heal")
     if repo_type == "model" and not (folder / RECORD_FILE).is_file():
         raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: push folders written by hubprune prune or heal")
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p.relative_to(folder)))
     operations = [
         CommitOperationAdd(str(p.relative_to(folder)), str(p))
@@ -67,12 +67,12 @@ def push_folder(
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         return api.create_commit(repo_id, operations, commit_message=message, repo_type=repo_type, create_pr=create_pr)
 
-    info = _with_retries(push, retries, f"hubprune push {folder} {repo_id}")
+    info = with_retries(push, retries, f"hubprune push {folder} {repo_id}")
     logger.info("pushed %d files to %s in one commit: %s", len(operations), repo_id, info.commit_url)
     return info
 
 
-def _with_retries(call, retries: int, again: str):
+def with_retries(call, retries: int, again: str):
     from huggingface_hub.errors import HfHubHTTPError
 
     for attempt in range(retries + 1):
@@ -125,7 +125,7 @@ def _server_message(err) -> str:
     return message.strip()
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:

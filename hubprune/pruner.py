@@ -454,17 +454,20 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         from hubprune.evaluate import heldout_texts
 
         pruned = pruned.heal(
-            recipe.heal, checkpoint_dir=_checkpoint_dir(recipe.output), eval_texts=heldout_texts(), progress=progress
+            recipe.heal,
+            checkpoint_dir=checkpoint_dir_for(recipe.output),
+            eval_texts=heldout_texts(),
+            progress=progress,
         )
     if recipe.output is None:
         return pruned, None
     out = pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)
     if recipe.heal is not None:
-        shutil.rmtree(_checkpoint_dir(recipe.output), ignore_errors=True)
+        shutil.rmtree(checkpoint_dir_for(recipe.output), ignore_errors=True)
     return pruned, out
 
 
-def _checkpoint_dir(output: str | None) -> Path | None:
+def checkpoint_dir_for(output: str | None) -> Path | None:
     # Healing checkpoints live beside the output folder (which is only written at the end).
     if output is None:
         return None

@@ -24,7 +24,7 @@ from torch import nn
 
 from hubprune.config import HealConfig
 from hubprune.fourbit import load_4bit
-from hubprune.heal import HealReport, _require_qlora, heal_model
+from hubprune.heal import HealReport, heal_model, require_qlora
 from hubprune.io import check_output
 from hubprune.record import RECIPE_FILE, RECORD_FILE, PruneRecord
 
@@ -69,7 +69,7 @@ def heal_checkpoint(
         raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: give a folder written by hubprune prune")
     check_output(out, overwrite=overwrite, protect=(str(folder),))
     torch_device = resolve_device(device)
-    _require_qlora(torch_device)
+    require_qlora(torch_device)
     record = PruneRecord.load(folder)
     if config.distill > 0 and teacher is None:
         teacher = _load_teacher(record, torch_device)

@@ -62,7 +62,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     num_layers = len(decoder_layers(model))
     removed = check_layers(layers, num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
-    _refuse_index_dependent_layers(model.config, kept)
+    refuse_index_dependent_layers(model.config, kept)
 
     check_kept_layers(model.config, slice_copy(model.config, kept, num_layers), kept, type(model))
 
@@ -174,7 +174,7 @@ def _signature(layer: nn.Module) -> list[tuple]:
     return rows
 
 
-def _refuse_index_dependent_layers(config, kept: list[int]) -> None:
+def refuse_index_dependent_layers(config, kept: list[int]) -> None:
     # GPT-2 can scale attention by 1/(layer_idx + 1), computed from the index at load time:
     # renumbering a layer would silently change what it computes.
     if getattr(config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):

@@ -54,9 +54,9 @@ def push_space(
     """
     from huggingface_hub import HfApi
 
-    from hubprune.hub import _check_repo_id, _with_retries
+    from hubprune.hub import check_repo_id, with_retries
 
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     models = check_space_models(models)
     operations = space_operations(models)
     api = HfApi(token=token)
@@ -66,7 +66,7 @@ def push_space(
         api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
         return api.create_commit(repo_id, operations, commit_message=message, repo_type="space")
 
-    info = _with_retries(push, retries, f"hubprune space push {repo_id}")
+    info = with_retries(push, retries, f"hubprune space push {repo_id}")
     logger.info("pushed %d files to the Space %s in one commit: %s", len(operations), repo_id, info.commit_url)
     return info
 

@@ -77,7 +77,7 @@ def test_refusals(pruned, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
         with pytest.raises(ValueError, match="qlora needs the bitsandbytes package.*use method: lora"):
-            heal._require_qlora()
+            heal.require_qlora()
     monkeypatch.setattr(heal, "_nf4_on_cpu", lambda: False)  # a bitsandbytes build without CPU kernels
     if importlib.util.find_spec("bitsandbytes") is not None and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="qlora needs a CUDA GPU here.*use method: lora on a CPU"):

@@ -19,12 +19,12 @@ FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "0.01"]
 
 
 def _qlora_skip(device: str) -> str | None:
-    from hubprune.heal import _require_qlora
+    from hubprune.heal import require_qlora
 
     if device == "cuda" and not torch.cuda.is_available():
         return "needs a CUDA GPU"
     try:
-        _require_qlora(torch.device(device))
+        require_qlora(torch.device(device))
     except ValueError as err:
         return str(err)
     return None
