@@ -131,6 +131,14 @@ def end_tokens(model, tokenizer) -> list[int]:
     return ids
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (ids, mask), both [batch, longest], padded on the left so every row ends at the last column."""
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -162,9 +170,8 @@ def generate(
     batches = range(0, len(order), batch_size)
     for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         rows = [inputs[i] for i in order[b : b + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        ids, mask = left_pad(rows, pad, device)
+        width = ids.shape[1]
         torch.manual_seed(seed + b)
         out = model.generate(
             input_ids=ids,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from hubprune.chat import left_pad
 from hubprune.loading import load_model, resolve_device
 from hubprune.server.config import BNB_QUANTIZATION, ModelSpec
 from hubprune.server.engine import Engine
@@ -295,7 +296,7 @@ class TransformersEngine(Engine):
         rows: list[_Row] = []
         try:
             rows = [_Row(job, self) for job in jobs]  # inside the try: a row that cannot start fails its batch only
-            ids, mask = _left_pad([j.prompt_ids for j in jobs], self.pad_id, self.device)
+            ids, mask = left_pad([j.prompt_ids for j in jobs], self.pad_id, self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = DynamicCache(config=self.model.config)
             active, step_ids = rows, ids
@@ -416,14 +417,6 @@ class _Row:
         self.job.emit(("done", reason, self.count))
         self.finished = True
         return False
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (ids, mask), both [batch, longest], padded on the left so every row ends at the last column."""
-    longest = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return ids, mask
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy, as in vLLM

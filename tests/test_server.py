@@ -19,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from attack import tiny_models
 from conftest import tiny_tokenizer
 from hubprune.cli import main
 from hubprune.server.config import ServeConfig
@@ -27,8 +28,6 @@ from hubprune.server.vllm_engine import vllm_available
 
 KEY = "sk-hubprune-test-4e1f0c"
 ENGINES = ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)]
-TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def require_vllm() -> None:
@@ -47,22 +46,7 @@ def engine(request) -> str:
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict:
     """Two random Llamas that vLLM's CPU kernels take (head dim 32), with a real BPE tokenizer and a chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    dirs = {}
-    for name, layers in (("tiny-a", 4), ("tiny-b", 2)):
-        torch.manual_seed(layers)
-        config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-                             head_dim=32, num_hidden_layers=layers, vocab_size=300, max_position_embeddings=256,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.2)
-        path = tmp_path_factory.mktemp(name)
-        AutoModelForCausalLM.from_config(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        dirs[name] = path
-    return dirs
+    return tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
