@@ -49,7 +49,7 @@ def create_app(
     seconds; then streams end with an error event and waiting requests get a JSON 503."""
     app = FastAPI(title="hubprune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics = metrics or Metrics()
-    app.state.shutdown_grace, app.state.stopping = shutdown_grace, None
+    app.state.shutdown_grace, app.state.stopping, app.state.grace_over = shutdown_grace, False, asyncio.Event()
     limits = {name: (max_queue or {}).get(name, 64) for name in engines}
     in_flight = dict.fromkeys(engines, 0)
     created = int(time.time())
@@ -254,8 +254,9 @@ def _check_tree(body: dict) -> None:
 
 def begin_shutdown(app: FastAPI) -> None:
     """Start the grace period of the requests in flight (see create_app); call from the event loop."""
-    if app.state.stopping is None:
-        app.state.stopping = asyncio.get_running_loop().create_task(asyncio.sleep(app.state.shutdown_grace))
+    if not app.state.stopping:
+        app.state.stopping = True
+        asyncio.get_running_loop().call_later(app.state.shutdown_grace, app.state.grace_over.set)
 
 
 def _shutdown_error(app: FastAPI) -> APIError:
@@ -276,12 +277,7 @@ async def _until_left_or_stopped(handle, request: Request, app: FastAPI):
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    async def stopped() -> None:
-        while app.state.stopping is None:
-            await asyncio.sleep(0.2)
-        await asyncio.shield(app.state.stopping)
-
-    watchers = [asyncio.ensure_future(client_left()), asyncio.ensure_future(stopped())]
+    watchers = [asyncio.ensure_future(client_left()), asyncio.ensure_future(app.state.grace_over.wait())]
     try:
         await asyncio.wait([task, *watchers], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -301,13 +297,11 @@ async def _until_left_or_stopped(handle, request: Request, app: FastAPI):
 async def _released(iterator, release, app: FastAPI):
     """Pass a stream through; free its queue slot when it ends, fails or the client leaves. When the
     server's shutdown grace period ends first, the stream ends with an error event."""
-    step = stop = None
+    step, stop = None, asyncio.ensure_future(app.state.grace_over.wait())
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
-            if stop is None and app.state.stopping is not None:
-                stop = asyncio.ensure_future(asyncio.shield(app.state.stopping))
-            await asyncio.wait([step] if stop is None else [step, stop], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([step, stop], return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
                 yield sse(_shutdown_error(app).body())
                 yield sse("[DONE]")
