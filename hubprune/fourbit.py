@@ -8,6 +8,8 @@ import os
 import torch
 from torch import nn
 
+from hubprune.loading import NO_HUB_KERNELS
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,5 +31,9 @@ def load_4bit(source: str | os.PathLike, device: torch.device, *, revision: str 
     target = device.index if device.type == "cuda" and device.index is not None else str(device)
     logger.info("loading %s in 4-bit NF4 on %s", source, device)
     return AutoModelForCausalLM.from_pretrained(
-        os.fspath(source), quantization_config=quantization, device_map={"": target}, revision=revision
+        os.fspath(source),
+        quantization_config=quantization,
+        device_map={"": target},
+        revision=revision,
+        **NO_HUB_KERNELS,
     )

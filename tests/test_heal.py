@@ -209,3 +209,15 @@ def test_a_moe_stack_is_cut_and_healed_on_attention_and_shared_experts(tokenizer
     out = healed.save_pretrained(tmp_path / "healed")
     ids = torch.tensor([[1, 40, 41, 42, 43]])
     torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, healed.model(ids).logits)
+
+
+def test_models_load_without_hub_kernels(tiny_model_dir):
+    """transformers 5 swaps in kernels fetched from the Hub by default on CUDA (code from the network, and a
+    heal that fails offline at model.train()); every hubprune load turns that off, on any device."""
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).use_kernels, "transformers' default changed"
+    pruner = LayerPruner.from_pretrained(tiny_model_dir)
+    assert pruner.model.use_kernels is False
+    healed = pruner.prune(layers=[1]).heal(HealConfig(**{**FAST, "steps": 1}))
+    assert healed.model.use_kernels is False
