@@ -194,7 +194,8 @@ def cmd_heal(args) -> int:
             return 0
         healed.save_pretrained(args.out, overwrite=args.overwrite)
         h = healed.record.healing
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     print(
         f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
         f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}"
@@ -217,12 +218,12 @@ def cmd_eval(args) -> int:
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
-    data = None
+    task_data = None
     if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
         from hubprune.harness import load_tasks, parse_data
 
-        data = parse_data(args.data)
-        load_tasks(tasks, data)
+        task_data = parse_data(args.data)
+        load_tasks(tasks, task_data)
     elif args.data:
         raise ValueError("--data gives local data to harness tasks; add --backend lm-eval")
     elif unknown := [t for t in tasks if t not in TASKS]:  # before any model is loaded
@@ -257,7 +258,7 @@ def cmd_eval(args) -> int:
         sample=args.sample,
         progress=not args.quiet,
         backend=args.backend,
-        data=data,
+        data=task_data,
     )
     if not chat:
         del model
@@ -275,7 +276,7 @@ def cmd_eval(args) -> int:
             sample=args.sample,
             progress=not args.quiet,
             backend=args.backend,
-            data=data,
+            data=task_data,
         )
     fidelity = None
     if chat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
-HELDOUT = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
+HELDOUT: dict[str, Any] = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
 
 
 def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
