@@ -241,7 +241,7 @@ def _name(obj) -> str:
 def _leaf_tasks(objects: list) -> list:
     from lm_eval.api.group import Group
 
-    leaves = []
+    leaves: list = []
     for obj in objects:
         leaves.extend(obj.get_all_tasks() if isinstance(obj, Group) else [obj])
     return leaves
