@@ -256,6 +256,10 @@ def _chat_rows(chat: dict | None) -> list[dict]:
 def _eval_note(record: PruneRecord) -> str:
     ev = record.evaluation
     parts = ["Zero-shot, scored as lm-evaluation-harness scores them (acc_norm: log-likelihood per character)."]
+    if ev.get("backend") == "lm-eval":
+        parts[0] = (
+            "Zero-shot, scored by lm-evaluation-harness itself (acc_norm; acc where a task reports no acc_norm)."
+        )
     if ev.get("command"):
         parts.append(f"Measured with `{ev['command']}`.")
     if ev.get("heldout"):

@@ -29,6 +29,7 @@ import math
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -505,7 +506,7 @@ def magpie_prompts(
     config: ChatDataConfig,
     *,
     seed: int = 0,
-    exclude: list[str] = (),
+    exclude: Sequence[str] = (),
     progress: bool = True,
 ) -> list[str]:
     """``count`` distinct user questions the model writes when given only its template's user-turn prefix."""

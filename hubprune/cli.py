@@ -29,6 +29,18 @@ from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConf
 logger = logging.getLogger("hubprune")
 
 
+# Errors of the user's making: one "hubprune: error:" line and exit status 2, no traceback.
+_USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ConnectionError,
+    ModuleNotFoundError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -46,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         huggingface_hub.utils.disable_progress_bars()
     try:
         code = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as err:
+    except _USER_ERRORS as err:
         print(f"hubprune: error: {err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
@@ -182,7 +194,8 @@ def cmd_heal(args) -> int:
             return 0
         healed.save_pretrained(args.out, overwrite=args.overwrite)
         h = healed.record.healing
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     print(
         f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
         f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}"
@@ -205,9 +218,18 @@ def cmd_eval(args) -> int:
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:  # before any model is loaded
-        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    task_data = None
+    if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
+        from hubprune.harness import load_tasks, parse_data
+
+        task_data = parse_data(args.data)
+        load_tasks(tasks, task_data)
+    elif args.data:
+        raise ValueError("--data gives local data to harness tasks; add --backend lm-eval")
+    elif unknown := [t for t in tasks if t not in TASKS]:  # before any model is loaded
+        raise ValueError(
+            f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} (or any harness task with --backend lm-eval)"
+        )
     folder = Path(args.model)
     record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
     chat = args.chat or args.continuations
@@ -229,7 +251,14 @@ def cmd_eval(args) -> int:
                 "score; use --continuations (greedy continuations of held-out prose) instead"
             )
     results["pruned" if record else "model"] = evaluate_model(
-        model, tokenizer, tasks, limit=args.limit, sample=args.sample, progress=not args.quiet
+        model,
+        tokenizer,
+        tasks,
+        limit=args.limit,
+        sample=args.sample,
+        progress=not args.quiet,
+        backend=args.backend,
+        data=task_data,
     )
     if not chat:
         del model
@@ -240,7 +269,14 @@ def cmd_eval(args) -> int:
             record.base_model, revision=revision, dtype=args.dtype, device=args.device
         )
         results["original"] = evaluate_model(
-            base, base_tokenizer, tasks, limit=args.limit, sample=args.sample, progress=not args.quiet
+            base,
+            base_tokenizer,
+            tasks,
+            limit=args.limit,
+            sample=args.sample,
+            progress=not args.quiet,
+            backend=args.backend,
+            data=task_data,
         )
     fidelity = None
     if chat:
@@ -271,6 +307,8 @@ def cmd_eval(args) -> int:
     if record is not None and "original" in results:
         command = "hubprune " + shlex.join(args.argv)
         record.evaluation = {**data, "heldout": results["pruned"].heldout, "command": command}
+        if args.backend != "hubprune":
+            record.evaluation["backend"] = args.backend
         record.save(folder)
         if readme_was_edited(folder):
             print(f"{folder}/README.md was edited by hand: the record has the results, the card was left alone")
@@ -548,7 +586,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--tasks",
         default="arc_easy,piqa,hellaswag",
-        help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu",
+        help="comma-separated: arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, mmlu; "
+        "with --backend lm-eval, any harness task, group or tag",
+    )
+    ev.add_argument(
+        "--backend",
+        default="hubprune",
+        choices=["hubprune", "lm-eval"],
+        help="hubprune: the built-in tasks, scored as the harness scores them; lm-eval: any "
+        "lm-evaluation-harness task, scored by the harness itself (pip install 'hubprune[harness]')",
+    )
+    ev.add_argument(
+        "--data",
+        nargs="+",
+        metavar="TASK=PATH",
+        help="lm-eval only: a local copy of a harness task's data (the rows of the split it scores, in its "
+        "Hub dataset's schema: .jsonl/.json/.csv/.parquet or a save_to_disk folder), for use offline",
     )
     ev.add_argument("--limit", type=int, help="first N questions of each task (default: all)")
     ev.add_argument("--sample", type=int, help="N evenly spaced questions of each task instead of the first N")

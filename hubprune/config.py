@@ -137,6 +137,8 @@ class PruneConfig:
         elif self.n_layers is not None:
             n = self.n_layers
         else:
+            if self.fraction is None:  # __post_init__ asks for one of the four
+                raise ValueError("no layers, n_layers, fraction or max_quality_loss: nothing says how many to drop")
             n = round(self.fraction * num_layers)
             if n < 1:
                 raise ValueError(
@@ -386,7 +388,7 @@ def _dataclass_in(hint: Any) -> type | None:
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         else (hint,)
     )
-    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
 
 
 def _required(f: dataclasses.Field) -> bool:

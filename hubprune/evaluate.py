@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def perplexity(
     return math.exp(total_nll / total_tokens)
 
 
-HELDOUT = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
+HELDOUT: dict[str, Any] = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
 
 
 def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
@@ -70,17 +71,41 @@ def evaluate_model(
     heldout: dict | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    backend: str = "hubprune",
+    data: dict | None = None,
 ):
     """Held-out perplexity plus zero-shot tasks, as one ``hubprune.tasks.EvalResult``.
+
+    ``backend="lm-eval"`` scores the tasks with lm-evaluation-harness itself (any harness task;
+    ``data`` maps a task to a local copy of its data, see ``hubprune.harness``); the default
+    scores hubprune's built-in tasks the way the harness does.
 
     Example: ``evaluate_model(model, tokenizer, ["piqa"], limit=200).table()``
     """
     from hubprune.tasks import evaluate_tasks
 
     heldout = {**HELDOUT, **(heldout or {})}
-    result = evaluate_tasks(
-        model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size, progress=progress
-    )
+    if backend == "lm-eval":
+        from hubprune.harness import evaluate_harness
+
+        result = evaluate_harness(
+            model,
+            tokenizer,
+            list(tasks),
+            data=data,
+            limit=limit,
+            sample=sample,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    elif backend == "hubprune":
+        if data:
+            raise ValueError("local task data (--data) is for the lm-eval backend; the built-in tasks bring their own")
+        result = evaluate_tasks(
+            model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size, progress=progress
+        )
+    else:
+        raise ValueError(f"unknown evaluation backend {backend!r}; choose hubprune or lm-eval")
     windows = heldout_windows(tokenizer, **heldout)
     result.perplexity = perplexity(model, windows.ids, progress=progress)
     result.heldout = f"{windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of the {windows.source}"

@@ -16,9 +16,13 @@ import json
 import re
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -67,19 +71,19 @@ def family_of(model_or_config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED:
         raise ValueError(f"cannot prune model_type {model_type!r}: {REFUSED[model_type]}")
-    family = _BY_MODEL_TYPE.get(model_type)
+    family = _BY_MODEL_TYPE.get(model_type or "")
     if family is not None:
         return family
     if isinstance(model_or_config, nn.Module):
         if model_or_config not in _FOUND:
             _FOUND[model_or_config] = discover(model_or_config)
         return _FOUND[model_or_config]
-    return _discover_config(_config_key(config), type(config))
+    return _discover_config(_config_key(config), type(config))  # type: ignore[arg-type]  # a class is hashable
 
 
 def discover(model: nn.Module) -> Family:
     """Find the decoder stack of ``model`` (see the module docstring); ValueError says why it cannot."""
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig
     model_type = getattr(config, "model_type", None)
     name = f"{type(model).__name__} (model_type {model_type!r})"
     try:
@@ -102,7 +106,7 @@ def discover(model: nn.Module) -> Family:
     norm = _final_norm(model, parent) or (_final_norm(model, "") if parent else None)
     return Family(
         model_type or type(model).__name__,
-        (model_type,),
+        (model_type,) if model_type else (),
         layers=layers,
         final_norm=norm,
         lora_targets=_linear_names(stack, config),
@@ -153,11 +157,11 @@ def _config_key(config) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _discover_config(key: str, config_class: type) -> Family:
+def _discover_config(key: str, config_class: type[PretrainedConfig]) -> Family:
     return discover(skeleton(config_class.from_dict(json.loads(key))))
 
 
-def skeleton(config, model_class: type | None = None) -> nn.Module:
+def skeleton(config, model_class: type[PreTrainedModel] | None = None) -> nn.Module:
     """The model a config describes, with every weight on the meta device (no memory, no time).
 
     ``model_class``: the class to build (default: the causal-LM class of the config)."""
@@ -166,13 +170,13 @@ def skeleton(config, model_class: type | None = None) -> nn.Module:
         return cls._from_config(config)
 
 
-def causal_lm_class(config) -> type:
+def causal_lm_class(config) -> type[PreTrainedModel]:
     """The ``*ForCausalLM`` (or ``*ForConditionalGeneration``) class of a config."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        return AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[return-value]  # typed for tokenizers too
     except KeyError:
         for name in getattr(config, "architectures", None) or []:
             if isinstance(getattr(transformers, name, None), type):
@@ -197,7 +201,7 @@ def set_module(root: nn.Module, path: str, value: nn.Module) -> None:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder layers, in order (index = 0-based layer number)."""
-    return get_module(model, family_of(model).layers)
+    return cast(nn.ModuleList, get_module(model, family_of(model).layers))
 
 
 def final_hidden_hook(model: nn.Module, fn):

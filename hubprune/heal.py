@@ -112,7 +112,7 @@ def heal_model(
         task_type="CAUSAL_LM",
     )
     student = _quantized_copy(model) if config.method == "qlora" else model
-    student.config.use_cache = False
+    student.config.use_cache = False  # type: ignore[union-attr]  # a transformers model
     torch.manual_seed(config.seed)  # the LoRA initialisation; the data order has its own generator
     peft_model = get_peft_model(student, lora)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -195,7 +195,7 @@ def heal_model(
     if not loaded_4bit:
         _own_base_weights(peft_model)
     healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
-    healed.config.use_cache = True
+    healed.config.use_cache = True  # type: ignore[union-attr]  # a transformers model
     healed.eval().requires_grad_(False)
     done = config.steps - start
     report = HealReport(
@@ -208,7 +208,7 @@ def heal_model(
         final_loss=losses[-1] if losses else math.nan,
         resumed_from=start,
         refit=refit,
-        config=asdict(replace(config, data=None)),
+        config=asdict(replace(config, data=None)),  # type: ignore[arg-type]  # the record leaves the data out
         data={
             "text": "prose" if windows.loss_mask is None else "chat",
             "source": windows.source,
@@ -279,7 +279,7 @@ def _refit(
         if not can_refit(model)
         else None
     )
-    if reason:
+    if reason or teacher is None or removed is None:
         logger.info("heal.refit skipped: %s", reason)
         return {"skipped": reason}
     report = refit_gaps(
@@ -292,6 +292,13 @@ def _refit(
         progress=progress,
     )
     return report.to_dict()
+
+
+def _loss_mask(windows: TokenWindows) -> torch.Tensor:
+    """The windows' loss mask; every token where they have none."""
+    if windows.loss_mask is None:
+        return torch.ones_like(windows.ids, dtype=torch.bool)
+    return windows.loss_mask
 
 
 def _refit_windows(config: HealConfig) -> int:
@@ -314,11 +321,13 @@ def _healing_windows(
     kind, reason = healing_text(config, tokenizer, data, teacher)
     logger.info("healing on %s text: %s", kind, reason)
     prose_count = needed if kind == "prose" else round(config.mix * needed)
-    prose = None
+    prose: TokenWindows | None = None
     if prose_count:
         sizes = replace(config.data, n_samples=prose_count, seq_len=config.seq_len)
         prose = calibration_windows(tokenizer, data, sizes, corpus_split="train")
     if kind == "prose":
+        if prose is None:
+            raise ValueError(f"healing for {config.steps} steps reads no text")
         windows = prose
     else:
         from hubprune.chat import chat_windows, self_chat, student_chat
@@ -337,7 +346,7 @@ def _healing_windows(
                 torch.cat([windows.ids, prose.ids]),
                 windows.texts + prose.texts,
                 f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
-                torch.cat([windows.loss_mask, torch.ones_like(prose.ids, dtype=torch.bool)]),
+                torch.cat([_loss_mask(windows), torch.ones_like(prose.ids, dtype=torch.bool)]),
             )
     if len(windows.ids) < needed:
         logger.info(
@@ -392,8 +401,8 @@ def _batch(
         epoch, offset = divmod(position, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
         rows.append(order[offset])
-    rows = torch.stack(rows)
-    return windows.ids[rows], None if windows.loss_mask is None else windows.loss_mask[rows]
+    picked = torch.stack(rows)
+    return windows.ids[picked], None if windows.loss_mask is None else windows.loss_mask[picked]
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -410,7 +419,7 @@ def _config_key(config: HealConfig, model: nn.Module, windows: TokenWindows) -> 
     text = json.dumps(
         [
             asdict(replace(config, checkpoint_every=1, keep_adapter=False)),
-            model.config.to_dict(),
+            model.config.to_dict(),  # type: ignore[union-attr,operator]  # a transformers model
             windows.fingerprint(),
         ],
         sort_keys=True,
@@ -448,9 +457,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         "optimizer_scalars": scalars,
         "scheduler": state["scheduler"],
     }
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as f:
-        json.dump(meta, f)
-    os.replace(f.name, path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".tmp-", delete=False) as meta_file:
+        json.dump(meta, meta_file)
+    os.replace(meta_file.name, path)
     for old in path.parent.glob("heal_checkpoint-*.safetensors"):
         if old.name != tensor_file:
             old.unlink()
@@ -531,7 +540,7 @@ def _quantized_copy(model: nn.Module) -> nn.Module:
 
     if not _is_4bit(model):
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # type: ignore[operator]  # a transformers model
             device = (
                 torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
             )

@@ -1,7 +1,12 @@
-"""Publish a pruned folder to the Hugging Face Hub in one commit.
+"""Publish a pruned folder to the Hugging Face Hub in one commit (a folder of many GB: resumably).
 
 The repository is created when needed; weights, config, tokenizer, card, recipe, record
-and plots go up in ONE commit (optionally as a pull request). A README the user edited
+and plots go up in ONE commit (optionally as a pull request). A folder of at least
+``LARGE_FOLDER`` bytes goes up through ``HfApi.upload_folder`` instead: with ``hf_xet``
+installed (a huggingface_hub dependency) that is huggingface_hub 2.x's streamed upload, which
+commits in batches and resumes when run again (committed files are skipped, uploaded chunks
+deduplicated; 2.x has no ``upload_large_folder``); the card follows in one last commit, on the
+same pull request where one is asked for. A README the user edited
 in the folder is kept unless ``replace_readme``; otherwise the card is rendered fresh
 for the target repo id. Transient errors (5xx, dropped connections) are retried with
 back-off; nothing in the local folder is changed; the token is never printed or logged.
@@ -20,6 +25,8 @@ from hubprune.record import RECORD_FILE
 logger = logging.getLogger(__name__)
 
 _SKIP = (".", "__pycache__")  # hidden files and folders (temporary, checkpoints) stay local
+_SKIP_PATTERNS = [f"{where}{start}*" for where in ("", "*/") for start in _SKIP]  # the same, as upload_folder globs
+LARGE_FOLDER = 5 * 2**30  # bytes; a folder this large is pushed resumably, in several commits
 
 
 def push_folder(
@@ -33,8 +40,12 @@ def push_folder(
     replace_readme: bool = False,
     repo_type: str = "model",
     retries: int = 4,
+    large_folder: int = LARGE_FOLDER,
 ):
     """Create ``repo_id`` if needed and upload ``folder`` in one commit; returns the ``CommitInfo``.
+
+    A folder of ``large_folder`` bytes or more is uploaded resumably in several commits, then its
+    card (see the module docstring); the ``CommitInfo`` is then the card's, or the pull request's.
 
     Example: ``push_folder("out/smollm2-24l", "me/smollm2-24l", private=True)``
     """
@@ -53,15 +64,20 @@ def push_folder(
         if p.name != CARD_FILE or p.parent != folder
     ]
     readme = folder / CARD_FILE
+    card = None
     if repo_type != "model" or (readme.is_file() and readme_was_edited(folder) and not replace_readme):
         if readme.is_file():
-            operations.append(CommitOperationAdd(CARD_FILE, str(readme)))
+            card = CommitOperationAdd(CARD_FILE, str(readme))
             logger.info("keeping the README.md in %s as it is (it differs from the generated card)", folder)
     else:
-        operations.append(CommitOperationAdd(CARD_FILE, str(render_card(folder, repo_id)).encode()))
+        card = CommitOperationAdd(CARD_FILE, str(render_card(folder, repo_id)).encode())
 
     api = HfApi(token=token)
     message = commit_message or f"Upload {repo_id.rsplit('/', 1)[-1]} (pruned with hubprune)"
+    size = sum(p.stat().st_size for p in files)
+    if size >= large_folder:
+        return _push_large(api, folder, repo_id, card, message, size, private, create_pr, repo_type, retries)
+    operations += [card] if card is not None else []
 
     def push():
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
@@ -69,6 +85,46 @@ def push_folder(
 
     info = with_retries(push, retries, f"hubprune push {folder} {repo_id}")
     logger.info("pushed %d files to %s in one commit: %s", len(operations), repo_id, info.commit_url)
+    return info
+
+
+def _push_large(
+    api, folder: Path, repo_id: str, card, message: str, size: int, private, create_pr, repo_type, retries
+):
+    """``upload_folder`` for everything but the card (resumable in several commits with hf_xet; one commit
+    without it), then the card in one commit, on the same pull request where one was asked for."""
+    again = f"hubprune push {folder} {repo_id}"
+    logger.info("%s holds %.1f GB: uploading it resumably, in several commits where needed", folder, size / 1e9)
+
+    def push():
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type=repo_type,
+            commit_message=message,
+            create_pr=create_pr,
+            ignore_patterns=[*_SKIP_PATTERNS, CARD_FILE],
+        )
+
+    info = with_retries(push, retries, again)
+    if card is None:
+        return info
+    revision = info.pr_revision if create_pr else None  # None also when no file changed: no PR was opened
+
+    def push_card():
+        return api.create_commit(
+            repo_id,
+            [card],
+            commit_message=f"{message}: model card",
+            repo_type=repo_type,
+            revision=revision,
+            create_pr=create_pr and revision is None,
+        )
+
+    card_info = with_retries(push_card, retries, again)
+    info = info if info.pr_url else card_info
+    logger.info("pushed %s to %s: %s", folder, repo_id, info.pr_url or info.commit_url)
     return info
 
 

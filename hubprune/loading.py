@@ -17,6 +17,7 @@ import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -185,8 +186,9 @@ def gguf_to_folder(path: Path) -> Path:
         except Exception as err:  # gguf raises many types for a damaged file
             raise ValueError(f"cannot read GGUF file {path}: {_first_line(err)}") from None
         family_of(model)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
@@ -253,7 +255,7 @@ def load_located(name: str, origin: ModelOrigin, dtype, trust_remote_code: bool)
     """Load the model and tokenizer that ``locate`` found."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if origin.kind == "hub":
         kwargs["revision"] = origin.revision
         kwargs["local_files_only"] = not hub_reachable()

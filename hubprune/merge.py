@@ -214,6 +214,6 @@ def _write_merged(f_in, f_out, offset: int, target: tuple) -> None:
             raise ValueError(f"{f_in.name} ended early: the safetensors file is truncated")
         w = torch.frombuffer(bytearray(raw), dtype=dtype).view(j - i, cols).float()
         w.addmm_(left[i:j], right, alpha=scaling)
-        data = memoryview(w.to(dtype).view(torch.uint8).numpy()).cast("B")
+        data = w.to(dtype).view(torch.uint8).numpy().data.cast("B")
         while data:  # a raw write may be partial
             data = data[f_out.write(data) :]

@@ -66,6 +66,13 @@ class LayerPruner:
         self._windows: TokenWindows | None = None
 
     @property
+    def _folder(self) -> Path:
+        """The local checkpoint folder that a streaming pruner reads."""
+        if self.folder is None:
+            raise ValueError("this pruner holds its model in memory and reads no checkpoint folder")
+        return self.folder
+
+    @property
     def streaming(self) -> bool:
         """True when the model is not in memory: scans stream layers, pruning cuts files."""
         return self.model is None
@@ -102,7 +109,7 @@ class LayerPruner:
         torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
         found, origin = locate(source, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         folder = local_folder(found, origin) if streaming is not False else None
-        if streaming == "auto":
+        if streaming == "auto" and folder is not None:
             streaming = not fits_in_memory(folder, torch_dtype, torch_device)
             if streaming:
                 logger.info("%s would not fit in free memory: scanning layer by layer from its shards", source)
@@ -117,7 +124,7 @@ class LayerPruner:
         if self.streaming:
             from transformers import AutoConfig
 
-            return AutoConfig.from_pretrained(self.folder).num_hidden_layers
+            return AutoConfig.from_pretrained(self._folder).num_hidden_layers
         return len(decoder_layers(self.model))
 
     def scan(
@@ -150,9 +157,9 @@ class LayerPruner:
 
             dtype = resolve_dtype(self.load_options.get("dtype", "float32"))
             result = streamed_scan(
-                self.folder,
+                self._folder,
                 windows,
-                dtype=dtype if dtype != "auto" else torch.float32,
+                dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
                 device=resolve_device(self.load_options.get("device", "auto")),
                 progress=progress,
                 name=self.origin.base_model,
@@ -186,14 +193,17 @@ class LayerPruner:
         if layers is not None:
             removed = check_layers(layers, self.num_layers)
         else:
-            if self.scan_result is None:
+            scan = self.scan_result
+            if scan is None:
                 logger.info("no scan yet: scanning on the default calibration corpus")
-                self.scan(progress=progress)
-            if metric == "perplexity" and n not in self.scan_result.perplexity:
-                self.scan_result.perplexity[n] = loss_scan(
+                scan = self.scan(progress=progress)
+            if metric == "perplexity" and n not in scan.perplexity:
+                if self._windows is None or self.calibration is None:  # scan() sets both with scan_result
+                    raise ValueError("the perplexity criterion needs the scan's calibration windows; scan again")
+                scan.perplexity[n] = loss_scan(
                     self.model, self._windows, n, batch_size=self.calibration.batch_size, progress=progress
                 )
-            removed = self.scan_result.choose(n, metric)
+            removed = scan.choose(n, metric)
         pruned = None if self.streaming else drop_layers(self.model, removed)
         record = self._record(pruned, removed, "explicit" if layers is not None else metric)
         recipe = Recipe(
@@ -228,7 +238,7 @@ class LayerPruner:
         if self.streaming:
             from hubprune.filesurgery import count_checkpoint_parameters
 
-            before, after = count_checkpoint_parameters(self.folder, removed)
+            before, after = count_checkpoint_parameters(self._folder, removed)
             config_updates = ["num_hidden_layers"]
         else:
             before, after = count_parameters(self.model), count_parameters(pruned)
@@ -264,7 +274,7 @@ class PrunedModel:
         model,
         tokenizer,
         record: PruneRecord,
-        recipe: Recipe,
+        recipe: Recipe | None,
         scan: ScanResult | None = None,
         base=None,
         adapter_dir: str | None = None,
@@ -324,7 +334,7 @@ class PrunedModel:
         teacher = teacher if teacher is not None else self.base
         student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
-        adapter_dir = healed._adapter.name if config.keep_adapter else None
+        adapter_dir = healed._adapter.name if config.keep_adapter and healed._adapter is not None else None
         model, report = heal_model(
             student,
             self.tokenizer,
@@ -361,6 +371,8 @@ class PrunedModel:
         if self.model is None:
             from hubprune.filesurgery import cut_checkpoint
 
+            if self.source_folder is None:
+                raise ValueError("a model pruned at file level is saved from its source folder, and none was given")
             cut_checkpoint(self.source_folder, out, self.record.removed_layers, overwrite=overwrite, finish=extras)
         else:
             protect = (self.record.origin.get("path", ""),)
@@ -414,7 +426,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         local = recipe.model if Path(recipe.model).expanduser().exists() else ""
         check_output(recipe.output, overwrite=recipe.overwrite, protect=(local,))
     p = recipe.prune
-    load_options = {
+    load_options: dict[str, Any] = {
         "revision": recipe.revision,
         "gguf_file": recipe.gguf_file,
         "dtype": recipe.dtype,
@@ -462,8 +474,9 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     if recipe.output is None:
         return pruned, None
     out = pruned.save_pretrained(recipe.output, overwrite=recipe.overwrite)
-    if recipe.heal is not None:
-        shutil.rmtree(checkpoint_dir_for(recipe.output), ignore_errors=True)
+    checkpoints = checkpoint_dir_for(recipe.output)
+    if recipe.heal is not None and checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return pruned, out
 
 

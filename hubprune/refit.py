@@ -152,7 +152,9 @@ def _run_until(model: nn.Module, attach, windows: torch.Tensor, batch_size: int,
     try:
         for start in range(0, len(windows), batch_size):
             try:
-                model.base_model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                model.base_model(  # type: ignore[operator]  # a transformers model
+                    input_ids=windows[start : start + batch_size].to(device), use_cache=False
+                )
             except _Stop:
                 pass
             bar.update(len(windows[start : start + batch_size]))
@@ -184,7 +186,10 @@ def _fit_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sums over tokens, in float64, of [a, 1]^T [a, 1], [a, 1]^T R and ||R||^2, with R = target - y."""
     layer = decoder_layers(model)[layer_index]
-    projection = get_module(layer, family_of(model).mlp_out)
+    mlp_out = family_of(model).mlp_out
+    if mlp_out is None:  # can_refit says no
+        raise ValueError(f"{type(model).__name__} has no MLP output projection to refit")
+    projection = get_module(layer, mlp_out)
     grab: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     cursor = 0
@@ -238,22 +243,34 @@ def projection_has_bias(projection: nn.Module) -> bool:
 
 def _as_in_out(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-    weight = projection.weight.detach().float().cpu()
+    weight = _tensor(projection, "weight").detach().float().cpu()
     weight = weight if _is_conv1d(projection) else weight.T
-    bias = projection.bias.detach().float().cpu() if projection_has_bias(projection) else torch.zeros(weight.shape[1])
+    bias = (
+        _tensor(projection, "bias").detach().float().cpu()
+        if projection_has_bias(projection)
+        else torch.zeros(weight.shape[1])
+    )
     return weight, bias
 
 
 def _write_in_out(projection: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    target = projection.weight
+    target = _tensor(projection, "weight")
     new = weight if _is_conv1d(projection) else weight.T
     projection.weight = nn.Parameter(
         new.to(target.dtype).to(target.device).contiguous(), requires_grad=target.requires_grad
     )
     if projection_has_bias(projection):
         projection.bias = nn.Parameter(
-            bias.to(target.dtype).to(target.device), requires_grad=projection.bias.requires_grad
+            bias.to(target.dtype).to(target.device), requires_grad=_tensor(projection, "bias").requires_grad
         )
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.weight`` or ``module.bias`` as a tensor (nn.Module's attribute lookup says Tensor or Module)."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(value).__name__}, not a tensor")
+    return value
 
 
 def _is_conv1d(projection: nn.Module) -> bool:

@@ -21,6 +21,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,8 @@ class ScanResult:
             picks, scores = [], []
             for metric in metrics:
                 if metric == "perplexity" and n not in self.perplexity:
-                    picks.append("-"), scores.append("-")
+                    picks.append("-")
+                    scores.append("-")
                     continue
                 layers = self.choose(n, metric)
                 picks.append(describe_layers(layers))
@@ -252,8 +254,9 @@ def scan_model(
         for start in range(0, len(windows.ids), batch_size):
             batch = windows.ids[start : start + batch_size].to(device)
             model.base_model(input_ids=batch, use_cache=False)  # the decoder stack only, no lm_head
+            captured = cast(list[torch.Tensor], states)  # every hook has fired
             for b in range(batch.size(0)):
-                stats.add(torch.stack([s[b] for s in states], dim=1), ends_window=True)  # [T, L+1, D]
+                stats.add(torch.stack([s[b] for s in captured], dim=1), ends_window=True)  # [T, L+1, D]
             states[:] = [None] * (L + 1)
             bar.update(batch.numel())
         bar.close()

@@ -147,7 +147,8 @@ class _TensorIndex:
     """Find and read single tensors from a checkpoint's shards by parameter name."""
 
     def __init__(self, folder: Path, prefix: str):
-        self.folder, self.prefix, self.where, self.headers = folder, prefix, {}, {}
+        self.folder, self.prefix, self.where = folder, prefix, {}
+        self.headers: dict[Path, tuple[dict, int]] = {}  # shard -> (header, data start)
         for shard in shard_files(folder):
             header, _ = read_header(folder / shard)
             self.where.update({name: shard for name in header if name != "__metadata__"})

@@ -102,6 +102,7 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
     for key, value in list(vars(config).items()):
         if key in changed:
             continue
+        new: object
         if key in _INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
             new = [kept.index(i) for i in value if i in kept]
         elif key in _COUNT_KEYS and isinstance(value, int):

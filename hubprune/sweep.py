@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -131,7 +132,7 @@ class QualityMeter:
         self.original = self.measure_raw(pruner.model)
 
     def measure_raw(self, model) -> dict:
-        result = {"perplexity": perplexity(model, self.windows.ids)}
+        result: dict[str, Any] = {"perplexity": perplexity(model, self.windows.ids)}
         if self.quality == "tasks":
             from hubprune.tasks import evaluate_tasks
 

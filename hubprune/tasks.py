@@ -134,7 +134,7 @@ class EvalResult:
         """The scores as an aligned text table, one task per row; with ``other`` (this result is then
         the original), both side by side with the share of accuracy above chance that ``other`` keeps."""
         if other is None:
-            rows = [("task", "n", "acc", "acc_norm", "chance")]
+            rows: list[tuple[str, ...]] = [("task", "n", "acc", "acc_norm", "chance")]
             for s in self.tasks.values():
                 rows.append(
                     (s.name, str(s.n), _pm(s.acc, s.acc_stderr), _pm(s.acc_norm, s.acc_norm_stderr), f"{s.chance:.4f}")
@@ -397,8 +397,8 @@ def _plan(encoded: list[tuple[list[int], list[int]]], limit: int, share_up_to: i
     """Model inputs for the encoded requests: HFLM's (context + continuation)[:-1], left-truncated,
     one per distinct input; requests with the same context share one packed row where allowed."""
     by_context: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, _) in enumerate(encoded):
-        by_context.setdefault(tuple(ctx), []).append(i)
+    for i, (context, _) in enumerate(encoded):
+        by_context.setdefault(tuple(context), []).append(i)
     rows: list[_Row] = []
     plain: dict[tuple[int, ...], _Row] = {}
     for ctx, members in by_context.items():
@@ -542,9 +542,10 @@ def mean_stderr(values: Sequence[float]) -> float | None:
 
 def pooled_stderr(stderrs: Sequence[float | None], sizes: Sequence[int]) -> float | None:
     """lm-eval's ``pooled_sample_stderr``: a size-weighted group's stderr from its subtasks'."""
-    if any(s is None for s in stderrs) or sum(sizes) <= len(sizes):
+    known = [s for s in stderrs if s is not None]
+    if len(known) < len(stderrs) or sum(sizes) <= len(sizes):
         return None
-    variance = sum((n - 1) * s**2 * n for s, n in zip(stderrs, sizes)) / (sum(sizes) - len(sizes))
+    variance = sum((n - 1) * s**2 * n for s, n in zip(known, sizes)) / (sum(sizes) - len(sizes))
     return math.sqrt(variance / sum(sizes))
 
 

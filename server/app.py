@@ -145,8 +145,8 @@ def create_app(
     async def complete(route: str, request: Request):
         authorize(request)
         body = await read_json(request, max_body_bytes)
-        name = body.get("model")
-        engine = engine_for(name)
+        engine = engine_for(body.get("model"))
+        name = engine.name
         sampling = check_request(route, body)
         stats = metrics.request(name, route)
         if in_flight[name] >= limits[name]:
@@ -228,7 +228,7 @@ async def read_json(request: Request, limit: int) -> dict:
 
 def _check_tree(body: dict) -> None:
     """Refuse nesting deeper than MAX_DEPTH and strings that are not Unicode text (lone surrogates such as \\ud800)."""
-    stack = [(body, 1, "")]
+    stack: list[tuple[dict | list, int, str]] = [(body, 1, "")]
     while stack:
         value, depth, path = stack.pop()
         if depth > MAX_DEPTH:

@@ -51,7 +51,7 @@ class ModelSpec:
     """
 
     path: str | None = None
-    name: str | None = None
+    name: str = ""  # default: default_name(path)
     url: str | None = None
     url_api_key_env: str | None = None  # env var holding the key of the server at ``url``
     revision: str | None = None
@@ -70,8 +70,8 @@ class ModelSpec:
                 f"model {self.name or '?'}: give exactly one of path (a model to load) or url "
                 f"(a running OpenAI server), got path={self.path!r}, url={self.url!r}"
             )
-        if self.name is None:
-            self.name = default_name(self.path) if self.path else None
+        if not self.name:
+            self.name = default_name(self.path) if self.path else ""
         if not self.name or not _NAME.match(self.name):
             raise ValueError(
                 f"model name {self.name!r} must be 1-128 characters of letters, digits and ._/:- "

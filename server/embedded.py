@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -67,7 +68,7 @@ _KNOWN = {
     "ignore_eos",
 }  # ignore_eos: vLLM's, for benchmarks
 # Fields this engine accepts only at their neutral value.
-_NEUTRAL = {
+_NEUTRAL: dict[str, list] = {
     "n": [1],
     "presence_penalty": [0],
     "frequency_penalty": [0],
@@ -123,14 +124,17 @@ class TransformersEngine(Engine):
     """One transformers model in this process (Hub id, folder or GGUF; 8/4-bit with bitsandbytes on CUDA)."""
 
     kind = "transformers"
+    max_model_len: int  # the model's context, known once start() has loaded it
 
     def __init__(self, spec: ModelSpec, folder: str, device: str = "auto"):
         super().__init__(spec.name, spec.max_model_len)
         self.spec, self.folder, self.device = spec, folder, resolve_device(device)
-        self.model = self.tokenizer = None
+        self.model: Any = None  # a transformers model and tokenizer, loaded by start()
+        self.tokenizer: Any = None
         self.eos_ids: set[int] = set()
         self._tok_lock = threading.Lock()  # the worker's detokenizers share the tokenizer
-        self._encoder, self._enc_lock = None, threading.Lock()  # a copy for requests: a long prompt stalls no stream
+        self._encoder: Any = None  # a copy of the tokenizer for requests: a long prompt stalls no stream
+        self._enc_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve_batches, name=f"hubprune-{spec.name}", daemon=True)
         self._jobs: set[_Job] = set()

@@ -14,8 +14,12 @@ import logging
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from hubprune.server.config import ServeConfig
+
+if TYPE_CHECKING:
+    from hubprune.server.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ def serve(config: ServeConfig) -> int:
         engine=kind,
         on_gpu=on_gpu,
         gpu_memory_utilization=config.gpu_memory_utilization,
-        budget=config.memory_budget,
+        budget=cast("int | None", config.memory_budget),  # __post_init__ parsed it into bytes
     )
     logger.info("memory plan:\n%s", plan.table())
     plan.check()
@@ -96,7 +100,7 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
     loop, startup, state = asyncio.get_running_loop(), asyncio.current_task(), {"serving": False}
 
     def on_signal(sig: int) -> None:  # while serving, uvicorn handles the signal itself
-        if not state["serving"]:
+        if not state["serving"] and startup is not None:
             logger.warning("%s while starting: stopping the engines", signal.Signals(sig).name)
             startup.cancel()
 
@@ -126,7 +130,7 @@ async def _run(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, 
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
-                timeout_graceful_shutdown=config.shutdown_grace + 5,
+                timeout_graceful_shutdown=config.shutdown_grace + 5,  # type: ignore[arg-type]  # seconds, float too
             ),
         )
         state["serving"] = True
@@ -181,7 +185,7 @@ def _engines(config: ServeConfig, kind: str, on_gpu: bool, folders: dict[str, st
 
     shares = plan.shares()
     rows = {m.name: m for m in plan.models}
-    engines = {}
+    engines: dict[str, Engine] = {}
     for spec in config.models:
         if spec.url or kind == "vllm":
             kv_gib = max(1, int(rows[spec.name].kv // 2**30)) if spec.name in rows else 1
@@ -209,7 +213,7 @@ def _info(folders: dict[str, str]) -> dict[str, dict]:
     from hubprune.record import RECORD_FILE, PruneRecord
     from hubprune.server.memory import model_facts
 
-    info = {}
+    info: dict[str, dict] = {}
     for name, folder in folders.items():
         info[name] = {"num_layers": model_facts(folder).num_layers}
         if (Path(folder) / RECORD_FILE).is_file():

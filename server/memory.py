@@ -206,7 +206,7 @@ def plan_memory(
         facts = model_facts(folders[spec.name])
         dtype = spec.dtype if spec.dtype != "auto" else (facts.dtype if on_gpu else "float32")
         dtype = dtype if dtype in _BYTES else "bfloat16"
-        per_param = _QUANT_BYTES.get(spec.quantization, None if spec.quantization else _BYTES[dtype])
+        per_param = _QUANT_BYTES.get(spec.quantization) if spec.quantization else _BYTES[dtype]
         length = min(spec.max_model_len or facts.max_position_embeddings, facts.max_position_embeddings)
         if engine == "vllm":
             runtime, seqs = _VLLM_RUNTIME["gpu" if on_gpu else "cpu"], spec.max_num_seqs

@@ -84,6 +84,13 @@ class VLLMEngine(Engine):
         self.client: httpx.AsyncClient | None = None
         self.url = spec.url.rstrip("/") if spec.url else None
 
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The client of the running server (set by ``start``)."""
+        if self.client is None:
+            raise RuntimeError(f"{self.name}: the engine has not been started")
+        return self.client
+
     def command(self, port: int) -> list[str]:
         """The vLLM server command line for this model on ``port``."""
         s = self.spec
@@ -168,7 +175,7 @@ class VLLMEngine(Engine):
                     f"Last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             try:
-                if (await self.client.get("/health", timeout=5.0)).status_code == 200:
+                if (await self._http.get("/health", timeout=5.0)).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -180,7 +187,7 @@ class VLLMEngine(Engine):
                     f"Last lines of {self.log_path}:\n{self.log_tail()}"
                 )
             await asyncio.sleep(0.5)
-        models = (await self.client.get("/v1/models")).json().get("data", [])
+        models = (await self._http.get("/v1/models")).json().get("data", [])
         served = next((m for m in models if m.get("id") == self.name), None)
         if served is None:
             raise EngineStartError(
@@ -205,11 +212,11 @@ class VLLMEngine(Engine):
     async def handle(self, route: str, body: dict, sampling: Sampling, stats: RequestStats) -> Response:
         if sampling.stream and not sampling.include_usage:  # ask for usage to count tokens; dropped on the way back
             body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        request = self.client.build_request(
+        request = self._http.build_request(
             "POST", ROUTES[route], content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
         try:
-            upstream = await self.client.send(request, stream=sampling.stream)
+            upstream = await self._http.send(request, stream=sampling.stream)
         except httpx.TransportError as err:
             raise APIError(
                 503,
@@ -269,7 +276,7 @@ class VLLMEngine(Engine):
             stats.finish(status=499)  # no-op when the stream ended normally
 
     async def count_tokens(self, text: str) -> int:
-        response = await self.client.post("/tokenize", json={"model": self.name, "prompt": text})
+        response = await self._http.post("/tokenize", json={"model": self.name, "prompt": text})
         response.raise_for_status()
         return response.json()["count"]
 
@@ -277,7 +284,7 @@ class VLLMEngine(Engine):
         if self.client is None:
             return None
         try:
-            response = await self.client.get("/metrics", timeout=5.0)
+            response = await self._http.get("/metrics", timeout=5.0)
         except httpx.TransportError:
             return None
         return response.text if response.status_code == 200 else None
@@ -286,7 +293,7 @@ class VLLMEngine(Engine):
         if self.client is None or (self.process is not None and self.process.poll() is not None):
             return False
         try:
-            return (await self.client.get("/health", timeout=5.0)).status_code == 200
+            return (await self._http.get("/health", timeout=5.0)).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -28,9 +29,9 @@ if __package__:  # imported as hubprune.space.app
     from .figures import PanelStats, diff_html, layer_map_html, stats_html
     from .votes import append_vote, default_votes_path
 else:  # run as the top-level app.py of a Space repository
-    from backends import Backend, Sampling, make_backends
-    from figures import PanelStats, diff_html, layer_map_html, stats_html
-    from votes import append_vote, default_votes_path
+    from backends import Backend, Sampling, make_backends  # type: ignore[no-redef]
+    from figures import PanelStats, diff_html, layer_map_html, stats_html  # type: ignore[no-redef]
+    from votes import append_vote, default_votes_path  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def _compare(text, chosen, sampling_values, blind_mode, previous, by_name, shuff
     if blind_mode:
         shuffler.shuffle(order)
     now = time.perf_counter()
-    round_ = {
+    round_: dict[str, Any] = {
         "prompt": prompt,
         "models": order,
         "sampling": sampling.to_dict(),

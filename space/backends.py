@@ -19,9 +19,10 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class TextStream:
     ``close()`` asks the backend to stop generating (also called when iteration ends).
     """
 
-    def __init__(self, chunks: Callable[[TextStream], Iterator[str]]):
+    def __init__(self, chunks: Callable[[TextStream], Generator[str, None, None]]):
         self.tokens = 0
         self.stopped = threading.Event()
         self._chunks = chunks(self)
@@ -150,7 +151,7 @@ class InProcessBackend(Backend):
     def stream(self, prompt: str, sampling: Sampling) -> TextStream:
         return TextStream(lambda out: self._chunks(prompt, sampling, out))
 
-    def _chunks(self, prompt: str, sampling: Sampling, out: TextStream) -> Iterator[str]:
+    def _chunks(self, prompt: str, sampling: Sampling, out: TextStream) -> Generator[str, None, None]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -305,7 +306,7 @@ class OpenAIBackend(Backend):
     def stream(self, prompt: str, sampling: Sampling) -> TextStream:
         return TextStream(lambda out: self._chunks(prompt, sampling, out))
 
-    def _chunks(self, prompt: str, sampling: Sampling, out: TextStream) -> Iterator[str]:
+    def _chunks(self, prompt: str, sampling: Sampling, out: TextStream) -> Generator[str, None, None]:
         import openai
 
         try:
@@ -332,7 +333,7 @@ class OpenAIBackend(Backend):
         """A streamed chat completion; a plain completion for a model without a chat template (a base model)."""
         import openai
 
-        options = {
+        options: dict[str, Any] = {
             "model": self.model,
             "stream": True,
             "temperature": sampling.temperature,
@@ -439,7 +440,7 @@ def make_backends(
             for name, path in specs
         ]
         _originals_from_records(backends, [path for _, path in specs])
-        return backends
+        return list(backends)  # list[Backend]
     return [InProcessBackend(path, name=name, device=device) for name, path in specs]
 
 

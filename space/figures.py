@@ -10,7 +10,9 @@ import difflib
 import html
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 KEPT, REMOVED = "#2e9d5b", "#d64545"
 _MUTED = "color:#6b7280"
@@ -64,7 +66,7 @@ def stats_html(stats: PanelStats | None, info: dict | None, *, hide_identity: bo
     ``info`` is a ``ModelInfo`` as a dict; with ``hide_identity`` (blind mode before the vote)
     layers, parameters and memory are held back, since they would name the model.
     """
-    rows = []
+    rows: list[tuple[str, str, Any, Callable[[Any], str]]] = []
     if stats is not None:
         rows += [
             ("ttft", "time to first token", stats.ttft, _seconds),
@@ -178,7 +180,8 @@ def describe_layers(layers: list[int]) -> str:
     """``[13, 14, 15, 20]`` -> ``"layers 13-15, 20"`` (0-based, as everywhere in hubprune)."""
     if not layers:
         return "no layers"
-    runs, start = [], layers[0]
+    runs: list[str] = []
+    start: int | None = layers[0]
     for prev, cur in zip(layers, layers[1:] + [None]):
         if cur != prev + 1:
             runs.append(f"{start}" if start == prev else f"{start}-{prev}")

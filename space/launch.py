@@ -120,6 +120,8 @@ class LocalServer:
             raise
 
     def _relay(self) -> None:
+        if self.process.stdout is None:  # started with stdout=PIPE
+            return
         for line in self.process.stdout:
             self.tail.append(line.rstrip())
             logger.log(logging.DEBUG if self.ready else logging.INFO, "serve: %s", line.rstrip())

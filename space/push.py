@@ -98,13 +98,16 @@ def check_space_models(models: list[str]) -> list[str]:
 
 def _package_files() -> list[tuple[str, Path]]:
     """(path in the Space, local file) for the hubprune package source and its card templates."""
-    package = Path(importlib.util.find_spec("hubprune").origin).parent
+    spec, cards_spec = importlib.util.find_spec("hubprune"), importlib.util.find_spec("hubprune.cards")
+    if spec is None or spec.origin is None or cards_spec is None or not cards_spec.submodule_search_locations:
+        raise ModuleNotFoundError("hubprune and its cards must be installed to push a Space: pip install hubprune")
+    package = Path(spec.origin).parent
     files = {
         f"hubprune/{p.relative_to(package).as_posix()}": p
         for p in package.rglob("*.py")
         if not _PACKAGE_SKIP & set(p.relative_to(package).parts)
     }
-    cards = Path(next(iter(importlib.util.find_spec("hubprune.cards").submodule_search_locations)))
+    cards = Path(next(iter(cards_spec.submodule_search_locations)))
     for path in cards.iterdir():  # an editable install keeps cards/ outside the package folder
         if path.is_file() and path.suffix in (".py", ".j2"):
             files[f"hubprune/cards/{path.name}"] = path

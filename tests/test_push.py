@@ -86,6 +86,46 @@ def test_pull_request_leaves_main_alone(hub, folder):
     assert info.pr_url and hub.server.commits(repo)[0] == main_before
 
 
+def test_a_large_folder_goes_up_through_upload_folder_then_its_card(hub, folder, monkeypatch):
+    """At ``large_folder`` bytes and above: ``upload_folder`` (with hf_xet and a Xet server, batched and resumable;
+    the suite's server speaks LFS, so huggingface_hub falls back to one commit), then the card in its own commit,
+    on the pull request when one is asked for. The files are those of the one-commit push."""
+    from huggingface_hub import HfApi
+
+    calls = []
+    upload_folder = HfApi.upload_folder
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw) or upload_folder(self, **kw))
+    (folder / ".heal-checkpoints").mkdir()
+    (folder / ".heal-checkpoints" / "state.bin").write_bytes(b"local only")
+    push_folder(folder, f"{hub.user}/small", token=hub.token)
+    assert not calls
+    info = push_folder(folder, f"{hub.user}/large", token=hub.token, large_folder=1)
+    assert len(calls) == 1
+    commits = hub.server.commits(f"{hub.user}/large")
+    assert len(commits) == 3 and commits[0].title.endswith(": model card")  # initial, the folder, the card
+    small, large = hub.server.files(f"{hub.user}/small"), hub.server.files(f"{hub.user}/large")
+    assert set(large) == set(small) and not any(p.startswith(".heal") for p in large)
+    assert all(large[p] == small[p] for p in large if p != "README.md")
+    assert f'from_pretrained("{hub.user}/large")' in large["README.md"].decode()
+    assert "model.safetensors" in hub.server.lfs_paths(f"{hub.user}/large")
+    assert info.commit_url and commits[0].oid in info.commit_url
+
+    main_before = hub.server.commits(f"{hub.user}/large")[0]
+    (folder / "notes.txt").write_text("a proposed change\n")
+    info = push_folder(folder, f"{hub.user}/large", token=hub.token, create_pr=True, commit_message="a proposal",
+                       large_folder=1)
+    assert info.pr_url and hub.server.commits(f"{hub.user}/large")[0] == main_before
+    proposal = hub.server.commits(f"{hub.user}/large", revision=info.pr_revision)
+    assert proposal[0].title == "a proposal" and proposal[1] == main_before  # the card is main's: no commit for it
+    assert "notes.txt" in hub.server.files(f"{hub.user}/large", revision=info.pr_revision)
+
+    (folder / "notes.txt").unlink()
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nMy notes.\n")  # only the card changes
+    info = push_folder(folder, f"{hub.user}/large", token=hub.token, create_pr=True, large_folder=1)
+    assert info.pr_num == 2 and hub.server.commits(f"{hub.user}/large")[0] == main_before
+    assert hub.server.files(f"{hub.user}/large", revision=info.pr_revision)["README.md"].decode().endswith("My notes.\n")
+
+
 def test_errors(hub, folder, capsys):
     with pytest.raises(PermissionError, match="401"):
         push_folder(folder, f"{hub.user}/x", token="hf_not_a_token")
