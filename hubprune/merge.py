@@ -6,8 +6,10 @@ For every LoRA target weight ``W`` (as stored, e.g. bf16) the output holds
 Each merged tensor keeps its dtype and shape, so every shard keeps its header and layout:
 all other bytes (header, other tensors) are copied as they are, in the kernel where it
 can. Index, config, tokenizer and other files are carried; the hubprune record gets the
-healing report and the card is rewritten. Peak memory: the adapter plus one block of rows
-(at most 64 MB in float32), whatever the model's size. The source folder is never written.
+healing report and the card is rewritten. A sparse checkpoint (``hubprune.json`` records
+``sparsity``) keeps its mask: every weight stored as zero stays zero after the merge. Peak
+memory: the adapter plus one block of rows (at most 64 MB in float32), whatever the model's
+size. The source folder is never written.
 """
 
 from __future__ import annotations
