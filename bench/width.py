@@ -132,7 +132,10 @@ def main() -> None:
     tokenizer = pruner.tokenizer
     prompts = [tokenizer(text[:200]).input_ids for text in heldout_texts()[:4]]
     kwargs = plans(pruner, args.layers)
-    heal = replace(recipe.heal, steps=args.heal_steps) if args.heal_steps else None
+    heal = None
+    if args.heal_steps:  # the recipe's healing cut short, its warm-up shortened with it
+        warmup = min(recipe.heal.warmup_steps, args.heal_steps // 5)
+        heal = replace(recipe.heal, steps=args.heal_steps, warmup_steps=warmup)
     settings = {"recipe": recipe.to_dict(), "sample": args.sample or None, "tasks": list(TASKS),
                 "layers": args.layers, "heal_steps": args.heal_steps}
     out = Path(args.out)
