@@ -19,7 +19,7 @@ from hubprune.record import PLOT_FILE, RECIPE_FILE, PruneRecord
 logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
-BASE_TAGS = ["hubprune", "pruned", "depth-pruning"]
+BASE_TAGS = ["hubprune", "pruned"]
 # The offline default corpora, as the Hub datasets their text comes from.
 CORPUS_DATASETS = {"wiki": "wikimedia/wikipedia", "c4": "allenai/c4", "tiny": "roneneldan/TinyStories"}
 HUB_LICENSES = frozenset(
@@ -50,11 +50,12 @@ def render_card(folder: str | Path, repo_id: str | None = None):
     record = PruneRecord.load(folder)
     config = json.loads((folder / "config.json").read_text())
     repo_id = repo_id or folder.name
+    tags = [*BASE_TAGS, *_method_tags(record), *(record.origin.get("card", {}).get("tags") or [])]
     data = ModelCardData(
         base_model=record.base_model if record.origin.get("kind") != "local" else None,
         library_name="transformers",
         pipeline_tag=record.origin.get("card", {}).get("pipeline_tag", "text-generation"),
-        tags=list(dict.fromkeys(BASE_TAGS + list(record.origin.get("card", {}).get("tags") or []))),
+        tags=list(dict.fromkeys(tags)),
         datasets=_datasets(record) or None,
         language=record.origin.get("card", {}).get("language"),
         model_name=repo_id if record.evaluation else None,
@@ -74,6 +75,9 @@ def render_card(folder: str | Path, repo_id: str | None = None):
         layer_map=layer_map(record.removed_layers, record.base_num_layers),
         removed_layers=record.removed_layers,
         metric_text=_metric_text(record),
+        reshape_rows=_reshape_rows(record),
+        reshape_note=_reshape_note(record),
+        sparse_pattern=record.sparsity.get("pattern"),
         scan_plot=PLOT_FILE if (folder / PLOT_FILE).is_file() else None,
         eval_rows=_eval_rows(record),
         eval_note=_eval_note(record),
@@ -130,12 +134,37 @@ def layer_map(removed: list[int], num_layers: int) -> str:
     return f"tens   {ruler}\nunits  {units}\nlayer  {marks}"
 
 
+def _method_tags(record: PruneRecord) -> list[str]:
+    tags = ["depth-pruning"] if record.removed_layers else []
+    if record.width:
+        tags.append("width-pruning")
+    if record.sparsity:
+        tags += [
+            "sparse",
+            f"{record.sparsity['pattern']}-sparsity"
+            if record.sparsity["pattern"] != "unstructured"
+            else "unstructured-sparsity",
+        ]
+    return tags
+
+
 def _summary(record: PruneRecord, config: dict) -> str:
     n, L = len(record.removed_layers), record.base_num_layers
     saved = 1 - record.parameters_after / record.parameters_before
+    done = [f"{n} of its {L} decoder layers removed ({n / L:.0%} of the depth)"] if n else []
+    if record.width:
+        w = record.width
+        done.append(
+            f"every MLP narrowed from {w['intermediate_size_before']:,} to {w['intermediate_size_after']:,} neurons"
+        )
+    if record.sparsity:
+        sp = record.sparsity
+        pattern = f"in a {sp['pattern']} pattern" if sp["pattern"] != "unstructured" else "unstructured"
+        done.append(f"{sp['sparsity']:.0%} of its decoder projection weights set to zero ({pattern}, {sp['method']})")
+    what = ", ".join(done[:-1]) + (" and " if len(done) > 1 else "") + done[-1]
     text = (
-        f"This is {base_name(record)} with {n} of its {L} decoder layers removed "
-        f"({n / L:.0%} of the depth), leaving {L - n} layers and {_millions(record.parameters_after)} parameters "
+        f"This is {base_name(record)} with {what}, leaving {L - n} layers and "
+        f"{_millions(record.parameters_after)} parameters "
         f"({saved:.1%} fewer than the original's {_millions(record.parameters_before)})."
     )
     if record.healing:
@@ -161,6 +190,61 @@ def _headline_quality(record: PruneRecord) -> str | None:
     if ppl:
         return f"Held-out perplexity goes from {ppl[0]:.2f} to {ppl[1]:.2f}."
     return None
+
+
+def _reshape_rows(record: PruneRecord) -> list[dict]:
+    """The width and sparsity table: MLP intermediate size, then the zeros of each projection kind."""
+    rows = []
+    if record.width:
+        w = record.width
+        rows.append(
+            {
+                "name": "MLP intermediate size (every layer)",
+                "original": f"{w['intermediate_size_before']:,}",
+                "pruned": f"{w['intermediate_size_after']:,}",
+                "change": f"{w['intermediate_size_after'] / w['intermediate_size_before'] - 1:+.1%}",
+            }
+        )
+    sp = record.sparsity
+    for kind, entry in sp.get("projections", {}).items():
+        rows.append(
+            {
+                "name": f"{kind} weights that are zero ({entry['modules']} matrices)",
+                "original": "0",
+                "pruned": f"{entry['zeros']:,} of {entry['weights']:,}",
+                "change": f"{entry['sparsity']:.1%} sparse",
+            }
+        )
+    return rows
+
+
+def _reshape_note(record: PruneRecord) -> str:
+    parts = []
+    if record.width:
+        w = record.width
+        parts.append(
+            f"Neurons were ranked by {w['importance']} ({w['tokens']:,} tokens) and the same number kept "
+            "in every layer, so `intermediate_size` in config.json is one smaller integer."
+        )
+    sp = record.sparsity
+    if sp:
+        score = (
+            "Wanda (|W| times the input's L2 norm on the calibration text, per output row)"
+            if sp["method"] == "wanda"
+            else "magnitude (|W|, per matrix)"
+        )
+        pattern = (
+            f"in every group of {sp['pattern'].split(':')[1]} consecutive inputs of a row, "
+            f"{sp['pattern'].split(':')[0]} weights are kept"
+            if sp["pattern"] != "unstructured"
+            else "unstructured"
+        )
+        parts.append(
+            f"Weights were zeroed by {score}, {pattern}; embeddings and the LM head are dense. The zeros are "
+            f"stored in a plain dense checkpoint (the mask is the set of zero weights; its sha256 is "
+            f"`{sp['mask_sha256'][:16]}…` in hubprune.json), so it loads and runs everywhere, at dense size and speed."
+        )
+    return " ".join(parts)
 
 
 def _metric_text(record: PruneRecord) -> str:
@@ -318,6 +402,18 @@ def _size_rows(record: PruneRecord, config: dict, folder: Path) -> list[dict]:
     rows = [
         _change_row("decoder layers", L, kept, str),
         _change_row("parameters", record.parameters_before, record.parameters_after, _millions),
+        *(
+            [
+                _change_row(
+                    "nonzero parameters",
+                    record.parameters_before,
+                    record.parameters_after - record.sparsity["zeros"],
+                    _millions,
+                )
+            ]
+            if record.sparsity
+            else []
+        ),
         _change_row(
             f"weights in memory ({dtype})", record.parameters_before * width, record.parameters_after * width, _bytes
         ),

@@ -111,6 +111,9 @@ def cmd_prune(args) -> int:
             metric=args.metric,
             max_quality_loss=args.max_quality_loss,
             quality=args.quality,
+            mlp_width=args.mlp_width,
+            sparsity=args.sparsity,
+            sparsity_method=args.sparsity_method,
         ),
         calibration=_calibration(args),
         output=args.out,
@@ -418,13 +421,9 @@ def _run(recipe: Recipe, quiet: bool) -> int:
 
     pruned, out = run_recipe(recipe, progress=not quiet)
     r = pruned.record
-    if pruned.scan is not None and not quiet:
+    if pruned.scan is not None and not quiet and r.removed_layers:
         print(pruned.scan.table(block_sizes=[len(r.removed_layers)]))
-    print(
-        f"{r.base_model}: removed layers {r.removed_layers} ({r.metric}); "
-        f"{r.base_num_layers} -> {r.num_layers} layers, "
-        f"{r.parameters_before / 1e6:.1f}M -> {r.parameters_after / 1e6:.1f}M parameters"
-    )
+    print(f"{r.base_model}: {r.summary()}")
     if out is not None:
         print(f"saved to {out}")
     return 0
@@ -504,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
     scan.set_defaults(func=cmd_scan)
 
     prune = sub.add_parser("prune", parents=[common, model], help="drop layers and save a transformers checkpoint")
-    how = prune.add_mutually_exclusive_group(required=True)
+    how = prune.add_mutually_exclusive_group()
     how.add_argument("--drop", type=int, metavar="N", help="number of layers to drop")
     how.add_argument("--fraction", type=float, help="fraction of layers to drop, in (0, 1)")
     how.add_argument("--layers", help="explicit 0-based layers to drop, e.g. 12,13,14")
@@ -522,6 +521,18 @@ def _parser() -> argparse.ArgumentParser:
         "answers (top-1 agreement with the original's)",
     )
     prune.add_argument("--metric", default="angular_last", choices=METRICS)
+    prune.add_argument(
+        "--mlp-width",
+        type=float,
+        metavar="W",
+        help="also keep this share of every MLP's neurons, in (0, 1), e.g. 0.8 (ranked on the calibration text)",
+    )
+    prune.add_argument(
+        "--sparsity",
+        metavar="S",
+        help="also zero weights of the decoder projections: a fraction such as 0.5, or N:M such as 2:4",
+    )
+    prune.add_argument("--sparsity-method", default="wanda", choices=["wanda", "magnitude"])
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
 

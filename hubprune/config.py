@@ -11,6 +11,8 @@ A recipe looks like this (every key but ``model`` and one of ``prune``'s is opti
     prune:
       n_layers: 6           # or fraction: 0.2, or layers: [12, 13, 14]
       metric: angular_last
+      mlp_width: 0.8        # optional: keep 80 % of every MLP's neurons (hubprune.width)
+      sparsity: "2:4"       # optional: or 0.5; zeroed by sparsity_method (hubprune.sparsity)
     output: out/smollm2-24l
 
 Unknown keys are refused with the list of known ones; values are checked on construction.
@@ -72,15 +74,20 @@ class CalibrationConfig:
 
 @dataclass
 class PruneConfig:
-    """How many layers to drop, and how to choose them.
+    """How many layers to drop, and how to choose them; how much to narrow and sparsify what is kept.
 
-    Give exactly one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)),
+    Give at most one of ``n_layers``, ``fraction`` (of the model's layers, in (0, 1)),
     ``layers`` (explicit 0-based indices; ``metric`` is then only recorded) and
     ``max_quality_loss`` (drop as many layers as keep ``quality`` -- held-out perplexity,
     zero-shot tasks, or chat top-1 agreement with the original's answers -- within that
     fraction of the original's, found by measuring).
 
-    Example: ``PruneConfig(n_layers=6, metric="angular_last")``
+    ``mlp_width`` (in (0, 1)) keeps that share of every MLP's neurons (``hubprune.width``);
+    ``sparsity`` (a fraction in (0, 1), or ``"N:M"`` such as ``"2:4"``) zeroes weights of the
+    decoder projections, scored by ``sparsity_method`` (``hubprune.sparsity``). Both apply
+    after layers are dropped; with either, no layer option is needed.
+
+    Example: ``PruneConfig(n_layers=6, metric="angular_last")``, ``PruneConfig(sparsity="2:4")``
     """
 
     n_layers: int | None = None
@@ -89,16 +96,21 @@ class PruneConfig:
     max_quality_loss: float | None = None
     quality: str = "perplexity"
     metric: str = "angular_last"
+    mlp_width: float | None = None
+    sparsity: float | str | None = None
+    sparsity_method: str = "wanda"
 
     def __post_init__(self) -> None:
         given = [
             name for name in ("n_layers", "fraction", "layers", "max_quality_loss") if getattr(self, name) is not None
         ]
-        if len(given) != 1:
+        if len(given) > 1 or not (given or self.mlp_width is not None or self.sparsity is not None):
             detail = "none was" if not given else f"{' and '.join(given)} were"
             raise ValueError(
-                f"prune: give exactly one of n_layers, fraction, layers or max_quality_loss ({detail} given)"
+                "prune: give exactly one of n_layers, fraction, layers or max_quality_loss, or mlp_width "
+                f"or sparsity ({detail} given)"
             )
+        self._check_width_and_sparsity()
         if self.max_quality_loss is not None and not 0 < self.max_quality_loss < 1:
             raise ValueError(
                 f"prune.max_quality_loss is a fraction in (0, 1) such as 0.05, got {self.max_quality_loss}"
@@ -128,10 +140,44 @@ class PruneConfig:
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
 
+    def _check_width_and_sparsity(self) -> None:
+        from hubprune.sparsity import SPARSITY_METHODS, parse_sparsity
+
+        if self.mlp_width is not None:
+            if isinstance(self.mlp_width, bool) or not isinstance(self.mlp_width, (int, float)):
+                raise TypeError(f"prune.mlp_width must be a fraction in (0, 1) such as 0.8, got {self.mlp_width!r}")
+            if not 0 < self.mlp_width < 1:
+                raise ValueError(
+                    f"prune.mlp_width is the share of MLP neurons kept, strictly between 0 and 1 (such as 0.8), "
+                    f"got {self.mlp_width}"
+                )
+        if self.sparsity is not None:
+            try:
+                target = parse_sparsity(self.sparsity)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"prune.{err}") from None
+            self.sparsity = str(target) if target.m else target.fraction  # "2:4" or 0.5, as YAML keeps it
+        if self.sparsity_method not in SPARSITY_METHODS:
+            raise ValueError(
+                f"prune.sparsity_method {self.sparsity_method!r} is unknown; "
+                f"choose one of {', '.join(SPARSITY_METHODS)}"
+            )
+        if self.max_quality_loss is not None and (self.mlp_width is not None or self.sparsity is not None):
+            raise ValueError(
+                "prune.max_quality_loss searches layer counts only; it cannot be combined with mlp_width or sparsity"
+            )
+
+    @property
+    def drops_layers(self) -> bool:
+        """Whether this config removes whole layers (else it only narrows or sparsifies)."""
+        return any(getattr(self, k) is not None for k in ("n_layers", "fraction", "layers", "max_quality_loss"))
+
     def count(self, num_layers: int) -> int:
         """The number of layers this config drops from a model with ``num_layers`` layers."""
         if self.max_quality_loss is not None:
             raise ValueError("a quality budget has no fixed layer count: it is found by measuring (run_recipe)")
+        if not self.drops_layers:
+            return 0
         if self.layers is not None:
             n = len(self.layers)
         elif self.n_layers is not None:
@@ -330,6 +376,8 @@ class Recipe:
             raise ValueError(f"recipe: unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.streaming not in (True, False, "auto"):
             raise ValueError(f"recipe: streaming must be true, false or auto, got {self.streaming!r}")
+        if self.streaming is True and (self.prune.mlp_width is not None or self.prune.sparsity is not None):
+            raise ValueError("recipe: mlp_width and sparsity need the model in memory; set streaming to false or auto")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:

@@ -49,6 +49,7 @@ class HealReport:
     first_loss: float
     final_loss: float
     resumed_from: int = 0
+    masked: int = 0  # sparse projections whose zeros were re-applied after the merge
     refit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
@@ -68,6 +69,7 @@ def heal_model(
     checkpoint_dir: str | os.PathLike | None = None,
     adapter_dir: str | os.PathLike | None = None,
     removed: list[int] | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, HealReport]:
     """Train LoRA adapters on ``model``'s kept layers, merge them, and return the healed model.
@@ -78,6 +80,8 @@ def heal_model(
     ``eval_texts``: the evaluation text, refused if it shares a document with the healing text.
     ``removed``: the original's 0-based layers missing from ``model``; with ``teacher`` (the
     original) it lets ``config.refit`` repair each gap before training.
+    ``masks``: module name -> bool tensor (True = kept) of a sparse model; the merged weights
+    are zeroed where a mask is False, so the sparsity pattern survives healing.
 
     Example: ``healed, report = heal_model(pruned.model, tok, HealConfig(steps=100, distill=0.5), teacher=original)``
     """
@@ -195,6 +199,10 @@ def heal_model(
     if not loaded_4bit:
         _own_base_weights(peft_model)
     healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
+    if masks and not loaded_4bit:  # the LoRA delta is dense: zero it where the pruned weights are zero
+        from hubprune.sparsity import apply_masks
+
+        apply_masks(healed, masks)
     healed.config.use_cache = True  # type: ignore[union-attr]  # a transformers model
     healed.eval().requires_grad_(False)
     done = config.steps - start
@@ -207,6 +215,7 @@ def heal_model(
         first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
         resumed_from=start,
+        masked=len(masks or {}) if not loaded_4bit else 0,
         refit=refit,
         config=asdict(replace(config, data=None)),  # type: ignore[arg-type]  # the record leaves the data out
         data={

@@ -6,8 +6,10 @@ For every LoRA target weight ``W`` (as stored, e.g. bf16) the output holds
 Each merged tensor keeps its dtype and shape, so every shard keeps its header and layout:
 all other bytes (header, other tensors) are copied as they are, in the kernel where it
 can. Index, config, tokenizer and other files are carried; the hubprune record gets the
-healing report and the card is rewritten. Peak memory: the adapter plus one block of rows
-(at most 64 MB in float32), whatever the model's size. The source folder is never written.
+healing report and the card is rewritten. A sparse checkpoint (``hubprune.json`` records
+``sparsity``) keeps its mask: every weight stored as zero stays zero after the merge. Peak
+memory: the adapter plus one block of rows (at most 64 MB in float32), whatever the model's
+size. The source folder is never written.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ def merge_adapter_into_checkpoint(
         )
     state, config = _load_adapter(adapter, lora_config)
     plan = _plan(folder, state, config)  # shard -> {tensor name: (B, A) factors}, every target checked
+    # A sparse checkpoint (hubprune.sparsity) keeps its zeros: the dense delta is masked by them.
+    keep_zeros = (folder / RECORD_FILE).is_file() and bool(PruneRecord.load(folder).sparsity)
     sizes = {shard: (folder / shard).stat().st_size for shard in plan}
 
     with atomic_output(out, overwrite=overwrite, protect=(str(folder),)) as tmp:
         bar = tqdm(total=sum(sizes.values()), desc="merge", unit="B", unit_scale=True, disable=not progress)
         for shard, targets in plan.items():
-            _merge_shard(folder / shard, tmp / shard, targets, bar.update)
+            _merge_shard(folder / shard, tmp / shard, targets, bar.update, keep_zeros)
         bar.close()
         for path in folder.iterdir():  # config, index, tokenizer, recipe, scan ... as they are
             if path.is_file() and path.name not in _REGENERATED and path.name not in plan:
@@ -182,7 +186,9 @@ def _plan(folder: Path, state: dict[str, torch.Tensor], config: dict) -> dict[st
     return plan
 
 
-def _merge_shard(src: Path, dst: Path, targets: dict[str, tuple], progress: Callable[[int], None]) -> None:
+def _merge_shard(
+    src: Path, dst: Path, targets: dict[str, tuple], progress: Callable[[int], None], keep_zeros: bool = False
+) -> None:
     # Bytes between merged tensors (the header included) are copied as they are.
     _, start = read_header(src)
     spans = sorted(
@@ -193,14 +199,15 @@ def _merge_shard(src: Path, dst: Path, targets: dict[str, tuple], progress: Call
         position = 0
         for begin, end, name in spans:
             copy_range(f_in, f_out, position, begin - position, progress)
-            _write_merged(f_in, f_out, begin, targets[name])
+            _write_merged(f_in, f_out, begin, targets[name], keep_zeros)
             progress(end - begin)
             position = end
         copy_range(f_in, f_out, position, src.stat().st_size - position, progress)
 
 
-def _write_merged(f_in, f_out, offset: int, target: tuple) -> None:
-    # W[i:j] (as stored) -> dtype(float32(W[i:j]) + scaling * left[i:j] @ right), a block of rows at a time.
+def _write_merged(f_in, f_out, offset: int, target: tuple, keep_zeros: bool = False) -> None:
+    # W[i:j] (as stored) -> dtype(float32(W[i:j]) + scaling * left[i:j] @ right), a block of rows at a time;
+    # with keep_zeros, weights stored as zero stay zero (a sparse model's mask).
     left, right, scaling, info = target  # left [rows, r], right [r, cols] in float32
     dtype = _DTYPES[info["dtype"]]
     rows, cols = info["shape"]
@@ -213,7 +220,10 @@ def _write_merged(f_in, f_out, offset: int, target: tuple) -> None:
         if len(raw) != (j - i) * row_bytes:
             raise ValueError(f"{f_in.name} ended early: the safetensors file is truncated")
         w = torch.frombuffer(bytearray(raw), dtype=dtype).view(j - i, cols).float()
+        zero = w == 0 if keep_zeros else None
         w.addmm_(left[i:j], right, alpha=scaling)
+        if zero is not None:
+            w.masked_fill_(zero, 0.0)
         data = w.to(dtype).view(torch.uint8).numpy().data.cast("B")
         while data:  # a raw write may be partial
             data = data[f_out.write(data) :]

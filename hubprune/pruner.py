@@ -31,8 +31,10 @@ from hubprune.loading import (
 )
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
+from hubprune.sparsity import sparsify
 from hubprune.streamscan import fits_in_memory
 from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
+from hubprune.width import check_narrowable, narrow_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,16 @@ class LayerPruner:
         self.calibration = replayable(calibration, config, windows)
         return result
 
+    def calibrate(self, calibration: Any = None) -> TokenWindows:
+        """The calibration windows: the last scan's, else cut from ``calibration`` (as ``scan`` takes it)
+        or the default corpus. Width and Wanda sparsity measure activations on them."""
+        if self._windows is None or calibration is not None:
+            config = calibration if isinstance(calibration, CalibrationConfig) else self.calibration
+            config = config or CalibrationConfig()
+            self._windows = calibration_windows(self.tokenizer, calibration, config)
+            self.calibration = replayable(calibration, config, self._windows)
+        return self._windows
+
     def prune(
         self,
         n_layers: int | None = None,
@@ -181,18 +193,38 @@ class LayerPruner:
         fraction: float | None = None,
         layers: list[int] | None = None,
         metric: str = "angular_last",
+        mlp_width: float | None = None,
+        sparsity: float | str | None = None,
+        sparsity_method: str = "wanda",
         progress: bool = True,
     ) -> PrunedModel:
         """A pruned copy of the model (the pruner's own model is left as it is).
 
-        Give one of ``n_layers``, ``fraction`` or ``layers`` (0-based). Without a previous
-        ``scan``, one is run on the default corpus.
+        Give one of ``n_layers``, ``fraction`` or ``layers`` (0-based) to drop layers; without
+        a previous ``scan``, one is run on the default corpus. ``mlp_width`` (in (0, 1)) then
+        keeps that share of every MLP's neurons; ``sparsity`` (0.5, or "2:4") zeroes weights of
+        the kept layers' projections by ``sparsity_method`` (wanda or magnitude).
+        Example: ``pruner.prune(4, mlp_width=0.9)``, ``pruner.prune(sparsity="2:4")``
         """
-        config = PruneConfig(n_layers=n_layers, fraction=fraction, layers=layers, metric=metric)
+        config = PruneConfig(
+            n_layers=n_layers,
+            fraction=fraction,
+            layers=layers,
+            metric=metric,
+            mlp_width=mlp_width,
+            sparsity=sparsity,
+            sparsity_method=sparsity_method,
+        )
+        reshapes = config.mlp_width is not None or config.sparsity is not None
+        if reshapes and self.streaming:
+            raise ValueError("mlp_width and sparsity need the model in memory; load it with streaming=False")
+        if config.mlp_width is not None:
+            check_narrowable(self.model)  # before any scan
         n = config.count(self.num_layers)
+        removed: list[int] = []
         if layers is not None:
             removed = check_layers(layers, self.num_layers)
-        else:
+        elif n:
             scan = self.scan_result
             if scan is None:
                 logger.info("no scan yet: scanning on the default calibration corpus")
@@ -204,8 +236,25 @@ class LayerPruner:
                     self.model, self._windows, n, batch_size=self.calibration.batch_size, progress=progress
                 )
             removed = scan.choose(n, metric)
-        pruned = None if self.streaming else drop_layers(self.model, removed)
-        record = self._record(pruned, removed, "explicit" if layers is not None else metric)
+        if self.streaming:
+            pruned = None
+        else:
+            pruned = drop_layers(self.model, removed) if removed else copy_sharing_weights(self.model)
+        width: dict = {}
+        sparse: dict = {}
+        batch = (self.calibration or CalibrationConfig()).batch_size
+        if config.mlp_width is not None:
+            assert pruned is not None  # streaming was refused above
+            report = narrow_mlp(pruned, config.mlp_width, self.calibrate(), batch_size=batch, progress=progress)
+            width = report.to_dict()
+        if config.sparsity is not None:
+            assert pruned is not None  # streaming was refused above
+            windows = self.calibrate() if config.sparsity_method == "wanda" else None
+            sparse = sparsify(
+                pruned, config.sparsity, config.sparsity_method, windows, batch_size=batch, progress=progress
+            )
+        how = "explicit" if layers is not None else metric if removed else "none"
+        record = replace(self._record(pruned, removed, how), width=width, sparsity=sparse)
         recipe = Recipe(
             model=self.origin.base_model,
             prune=config,
@@ -218,7 +267,7 @@ class LayerPruner:
             self.tokenizer,
             record,
             recipe,
-            self.scan_result,
+            self.scan_result if removed else None,
             base=self.model,
             source_folder=self.folder if self.streaming else None,
         )
@@ -227,7 +276,7 @@ class LayerPruner:
         from hubprune._version import __version__
 
         scores: dict[str, Any] = {}
-        if self.scan_result is not None and metric != "explicit":
+        if self.scan_result is not None and metric not in ("explicit", "none"):
             n = len(removed)
             values = self.scan_result.scores(metric, n)
             scores = {
@@ -253,7 +302,7 @@ class LayerPruner:
             kept_layers=[i for i in range(self.num_layers) if i not in removed],
             metric=metric,
             scores=scores,
-            calibration=dict(self.scan_result.calibration) if self.scan_result else {},
+            calibration=dict(self.scan_result.calibration) if self.scan_result else _windows_info(self._windows),
             parameters_before=before,
             parameters_after=after,
             config_updates=config_updates,
@@ -332,6 +381,11 @@ class PrunedModel:
             )
         config = replace(config or HealConfig(), **options)
         teacher = teacher if teacher is not None else self.base
+        masks = None
+        if self.record.sparsity:  # the zero weights stay zero: re-applied after the LoRA merge
+            from hubprune.sparsity import masks_from_zeros
+
+            masks = masks_from_zeros(self.model)
         student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
         adapter_dir = healed._adapter.name if config.keep_adapter and healed._adapter is not None else None
@@ -345,6 +399,7 @@ class PrunedModel:
             checkpoint_dir=checkpoint_dir,
             adapter_dir=adapter_dir,
             removed=self.record.removed_layers,
+            masks=masks,
             progress=progress,
         )
         healed.model, healed.adapter_dir = model, adapter_dir
@@ -407,11 +462,7 @@ class PrunedModel:
     def __repr__(self) -> str:
         r = self.record
         healed = f", healed ({r.healing['method']}, {r.healing['steps']} steps)" if r.healing else ""
-        return (
-            f"PrunedModel({r.base_model}: {r.base_num_layers} -> {r.num_layers} layers, "
-            f"removed {r.removed_layers}, {r.parameters_before / 1e6:.1f}M -> "
-            f"{r.parameters_after / 1e6:.1f}M parameters{healed})"
-        )
+        return f"PrunedModel({r.base_model}: {r.summary()}{healed})"
 
 
 def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, Path | None]:
@@ -442,11 +493,24 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         p.count(num_layers)
     if p.layers is not None:
         check_layers(p.layers, num_layers)
-    pruner = LayerPruner.from_pretrained(recipe.model, streaming=recipe.streaming, **load_options)
+    reshapes = p.mlp_width is not None or p.sparsity is not None
+    if p.mlp_width is not None:  # from the config alone (a meta-device skeleton): refused before loading
+        from transformers import AutoConfig
+
+        from hubprune.families import skeleton
+
+        config = AutoConfig.from_pretrained(
+            folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code
+        )
+        check_narrowable(skeleton(config))
+    streaming = False if reshapes else recipe.streaming  # width and sparsity need the weights in memory
+    pruner = LayerPruner.from_pretrained(recipe.model, streaming=streaming, **load_options)
     budget = None
-    if p.layers is None:
+    if p.layers is None and p.drops_layers:
         loss_sizes = [p.count(pruner.num_layers)] if p.metric == "perplexity" and p.max_quality_loss is None else []
         pruner.scan(recipe.calibration, loss_block_sizes=loss_sizes, progress=progress)
+    elif reshapes:
+        pruner.calibrate(recipe.calibration)
     if p.max_quality_loss is not None:
         from hubprune.sweep import largest_drop_within
 
@@ -460,7 +524,16 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         pruned = pruner.prune(n, metric=p.metric, progress=progress)
         pruned.record.scores["budget"] = budget
     else:
-        pruned = pruner.prune(p.n_layers, fraction=p.fraction, layers=p.layers, metric=p.metric, progress=progress)
+        pruned = pruner.prune(
+            p.n_layers,
+            fraction=p.fraction,
+            layers=p.layers,
+            metric=p.metric,
+            mlp_width=p.mlp_width,
+            sparsity=p.sparsity,
+            sparsity_method=p.sparsity_method,
+            progress=progress,
+        )
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
         from hubprune.evaluate import heldout_texts
@@ -486,6 +559,18 @@ def checkpoint_dir_for(output: str | None) -> Path | None:
         return None
     out = Path(output).expanduser()
     return out.parent / f".{out.name}.heal-checkpoints"
+
+
+def _windows_info(windows: TokenWindows | None) -> dict:
+    if windows is None:
+        return {}
+    return {
+        "source": windows.source,
+        "windows": len(windows.ids),
+        "seq_len": windows.ids.size(1),
+        "tokens": windows.num_tokens,
+        "fingerprint": windows.fingerprint(),
+    }
 
 
 def count_parameters(model) -> int:

@@ -16,6 +16,10 @@ PLOT_FILE = "hubprune_scan.png"
 class PruneRecord:
     """What was removed from which model, chosen how. Layer indices are the base model's, 0-based.
 
+    ``width``: the MLP narrowing (``hubprune.width.WidthReport``), empty if none; ``sparsity``:
+    the zeroed weights (``hubprune.sparsity.sparsify``'s report: pattern, method, counts per
+    projection, the mask's sha256), empty if none.
+
     Example: ``PruneRecord.load("out/smollm2-24l").removed_layers``
     """
 
@@ -30,6 +34,8 @@ class PruneRecord:
     parameters_before: int = 0
     parameters_after: int = 0
     config_updates: list[str] = field(default_factory=list)
+    width: dict = field(default_factory=dict)
+    sparsity: dict = field(default_factory=dict)
     healing: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     card_sha256: str = ""
@@ -40,6 +46,22 @@ class PruneRecord:
     @property
     def num_layers(self) -> int:
         return len(self.kept_layers)
+
+    def summary(self) -> str:
+        """One line: layers, width, sparsity and parameters before -> after."""
+        parts = []
+        if self.removed_layers:
+            parts.append(
+                f"removed layers {self.removed_layers} ({self.metric}), {self.base_num_layers} -> {self.num_layers}"
+            )
+        if self.width:
+            w = self.width
+            parts.append(f"MLP width {w['intermediate_size_before']} -> {w['intermediate_size_after']}")
+        if self.sparsity:
+            s = self.sparsity
+            parts.append(f"{s['target']} sparsity ({s['method']}, {s['sparsity']:.1%} of decoder weights zero)")
+        parts.append(f"{self.parameters_before / 1e6:.1f}M -> {self.parameters_after / 1e6:.1f}M parameters")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,235 @@
+"""Zero weights of the decoder layers' linear projections: unstructured or N:M, by magnitude or Wanda.
+
+Scores, for a weight matrix ``W`` ([out, in]) and calibration inputs ``X`` ([tokens, in]):
+
+- ``magnitude``: ``|W_ij|``; unstructured sparsity ``s`` zeroes the ``round(s * out * in)``
+  smallest of the whole matrix;
+- ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_:j||_2``; unstructured sparsity zeroes the
+  ``round(s * in)`` lowest scores of each output row. ``X`` is the input each projection
+  sees in one pass of the (already depth- or width-pruned) dense model over the calibration
+  text (the paper's code feeds each layer the outputs of the layers pruned before it).
+
+``N:M`` (e.g. ``2:4``) keeps the N highest scores in every group of M consecutive inputs of a
+row, the pattern NVIDIA's sparse tensor cores run. Embeddings, the LM head and routers are
+never touched. The weights stay dense tensors with zeros in place: the mask is the set of
+zero weights, recorded in ``hubprune.json`` (counts per projection and a sha256 of the mask),
+and healing keeps it (``apply_masks`` after the LoRA merge).
+
+Example (recipe)::
+
+    prune:
+      sparsity: "2:4"        # quoted: YAML 1.1 reads a bare 2:4 as the number 124
+      sparsity_method: wanda
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hubprune.calibration import TokenWindows
+from hubprune.families import decoder_layers, family_of, get_module
+
+logger = logging.getLogger(__name__)
+
+SPARSITY_METHODS = ("magnitude", "wanda")
+FORMAT = "dense: zeros stored in place (no sparse tensor format)"
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A target: ``fraction`` of the weights zeroed; ``n``/``m`` set for an N:M pattern (N kept of M)."""
+
+    fraction: float
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}" if self.m else "unstructured"
+
+    def __str__(self) -> str:
+        return self.pattern if self.m else f"{self.fraction:g}"
+
+
+def parse_sparsity(value) -> Sparsity:
+    """``0.5`` or ``"0.5"`` (a fraction in (0, 1)) or ``"2:4"`` (N kept of every M, N < M); ValueError otherwise.
+
+    Example: ``parse_sparsity("2:4").fraction == 0.5``
+    """
+    if isinstance(value, str):
+        match = _NM.match(value)
+        if match:
+            n, m = int(match[1]), int(match[2])
+            if not 0 < n < m:
+                raise ValueError(
+                    f"sparsity {value!r}: N:M keeps N of every M weights, so 0 < N < M is needed, such as 2:4"
+                )
+            return Sparsity(1 - n / m, n, m)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(
+                f"sparsity must be a fraction in (0, 1) such as 0.5, or N:M such as 2:4, got {value!r}"
+            ) from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"sparsity must be a fraction such as 0.5 or a string N:M such as '2:4', got {value!r}")
+    if not 0 < number < 1:
+        hint = " (in YAML, quote an N:M pattern: '2:4')" if isinstance(value, int) and value > 1 else ""
+        raise ValueError(f"sparsity must lie strictly between 0 and 1, got {value!r}{hint}")
+    return Sparsity(number)
+
+
+def target_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The linear projections of the decoder layers that sparsity zeroes, by full module name."""
+    family = family_of(model)
+    found = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for path, module in layer.named_modules():
+            linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+            if linear and path.rpartition(".")[2] in family.lora_targets:
+                found[f"{family.layers}.{index}.{path}"] = module
+    if not found:
+        raise ValueError(f"no linear projections found in the decoder layers of {type(model).__name__}")
+    return found
+
+
+def _rows(module: Any) -> torch.Tensor:
+    # The weight as [out, in] (GPT-2's Conv1D stores [in, out]).
+    w = module.weight.detach()
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+@torch.no_grad()
+def input_norms(
+    model: nn.Module, names: list[str], windows: TokenWindows, batch_size: int = 4, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """``||X_:j||_2`` of every input feature j of each named projection, over the calibration tokens."""
+    squares: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].detach().flatten(0, -2).double()  # [tokens, in]
+            squares[name] = squares.get(name, 0) + (x * x).sum(0).cpu()
+
+        return fn
+
+    handles = [get_module(model, n).register_forward_pre_hook(hook(n)) for n in names]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(windows.ids), batch_size), desc="wanda activations", disable=not progress):
+            model(input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: s.sqrt() for n, s in squares.items()}
+
+
+def keep_mask(score: torch.Tensor, target: Sparsity, per_row: bool) -> torch.Tensor:
+    """Boolean mask ([out, in], True = kept) zeroing the lowest scores: per N:M group, per row, or per matrix."""
+    rows, cols = score.shape
+    mask = torch.ones_like(score, dtype=torch.bool)
+    if target.m and target.n is not None:
+        if cols % target.m:
+            raise ValueError(f"{target.pattern} sparsity needs input sizes divisible by {target.m}, got {cols}")
+        groups = score.reshape(rows, cols // target.m, target.m)
+        low = torch.topk(groups, target.m - target.n, dim=-1, largest=False).indices
+        return mask.reshape(rows, cols // target.m, target.m).scatter_(-1, low, False).reshape(rows, cols)
+    if per_row:
+        k = round(target.fraction * cols)
+        if k:
+            mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, False)
+        return mask
+    k = round(target.fraction * score.numel())
+    if k:
+        mask.view(-1)[torch.topk(score.flatten(), k, largest=False).indices] = False
+    return mask
+
+
+def sparsify(
+    model: nn.Module,
+    target: Sparsity | float | str,
+    method: str = "wanda",
+    windows: TokenWindows | None = None,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
+    """Zero ``target`` of every decoder projection's weights in place (new tensors); the report for the record.
+
+    Example: ``report = sparsify(pruned, "2:4", "wanda", windows)``
+    """
+    target = target if isinstance(target, Sparsity) else parse_sparsity(target)
+    if method not in SPARSITY_METHODS:
+        raise ValueError(f"sparsity method {method!r} is unknown; choose one of {', '.join(SPARSITY_METHODS)}")
+    modules = target_modules(model)
+    norms: dict[str, torch.Tensor] = {}
+    if method == "wanda":
+        if windows is None:
+            raise ValueError("wanda sparsity needs calibration windows (its score weighs |W| by the input norms)")
+        norms = input_norms(model, list(modules), windows, batch_size, progress)
+    masks = {}
+    for name, module in tqdm(modules.items(), desc=f"{method} {target}", disable=not progress):
+        w = _rows(module).float()
+        score = w.abs() * norms[name].float().to(w.device) if method == "wanda" else w.abs()
+        mask = keep_mask(score, target, per_row=method == "wanda")
+        masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
+    apply_masks(model, masks)
+    report = {"target": str(target), "pattern": target.pattern, "method": method, **mask_summary(masks)}
+    report["format"] = FORMAT
+    if windows is not None and method == "wanda":
+        report["tokens"] = windows.num_tokens
+    share, count = 100 * report["sparsity"], report["weights"]
+    logger.info("zeroed %.1f%% of %d decoder weights (%s, %s)", share, count, target, method)
+    return report
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero each named module's weight where its mask is False (a new tensor: shared weights are not written)."""
+    for name, mask in masks.items():
+        module: Any = get_module(model, name)
+        w = module.weight
+        module.weight = nn.Parameter(w.detach() * mask.to(w.device, w.dtype), requires_grad=w.requires_grad)
+
+
+def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of a sparse model, read back from its zero weights (True = kept)."""
+    modules: dict[str, Any] = target_modules(model)
+    return {name: module.weight.detach() != 0 for name, module in modules.items()}
+
+
+def mask_summary(masks: dict[str, torch.Tensor]) -> dict:
+    """Zeros per projection kind (q_proj, ...) over all layers, the total, and a sha256 of the masks."""
+    digest, zeros, total = hashlib.sha256(), 0, 0
+    per_kind: dict[str, dict[str, Any]] = {}
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(masks[name].cpu().numpy().tobytes())
+    for name, mask in masks.items():  # in the model's order: q_proj, k_proj, ... per layer
+        mask = mask.cpu()
+        kind = name.rpartition(".")[2]
+        z, n = int((~mask).sum()), mask.numel()
+        entry = per_kind.setdefault(kind, {"zeros": 0, "weights": 0, "modules": 0})
+        entry["zeros"] += z
+        entry["weights"] += n
+        entry["modules"] += 1
+        zeros, total = zeros + z, total + n
+    for entry in per_kind.values():
+        entry["sparsity"] = round(entry["zeros"] / entry["weights"], 6)
+    return {
+        "sparsity": round(zeros / max(1, total), 6),
+        "zeros": zeros,
+        "weights": total,
+        "projections": per_kind,
+        "mask_sha256": digest.hexdigest(),
+    }
