@@ -44,6 +44,8 @@ SMALL = dict(
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=64, pad_token_id=0,
     bos_token_id=1, eos_token_id=2, image_size=32, patch_size=8, projection_dim=64, vision_hidden_size=64,
     text_hidden_size=64, mm_tokens_per_image=4, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+    n_group=2, topk_group=1, num_expert_group=2,  # expert groups: 2 groups of the 4 experts
+    moe_topk=2, zero_expert_num=2, ffn_hidden_size=128, expert_ffn_hidden_size=32,
 )
 SSM = dict(mamba_n_heads=4, mamba_d_head=32, mamba_expand=2, expand=2, num_heads=8)  # tried second: state-space sizes
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
@@ -95,6 +97,7 @@ def _small(cls, base, small: dict, carry: bool):
     fields = set(inspect.signature(cls.__init__).parameters)
     kwargs = {k: v for k, v in vars(base).items() if carry and k in fields and not isinstance(v, PretrainedConfig)}
     kwargs.update({k: v for k, v in small.items() if k in fields})
+    _keep_ratios(base, kwargs)
     for name, sub in vars(base).items():
         if isinstance(sub, PretrainedConfig) and name in fields:
             kwargs[name] = _small(type(sub), sub, small, carry)
@@ -103,6 +106,19 @@ def _small(cls, base, small: dict, carry: bool):
         if derived in kwargs and any(k in small for k in LAYER_COUNTS):
             kwargs[derived] = None  # recomputed for the new layer count
     return cls(**kwargs)
+
+
+def _keep_ratios(base, kwargs: dict) -> None:
+    """Shrunken sizes that keep the default's relations: as many KV heads as query heads where the
+    default has that (multi-head latent attention needs it)."""
+    heads, kv = getattr(base, "num_attention_heads", None), getattr(base, "num_key_value_heads", None)
+    if "num_key_value_heads" in kwargs and isinstance(heads, int) and heads == kv:
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", heads)
+    rope = getattr(base, "qk_rope_head_dim", None)
+    if "head_dim" in kwargs and rope is not None and getattr(base, "head_dim", None) == rope:
+        kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", rope)  # the rotary part's size
+    if "qk_head_dim" in kwargs and "qk_nope_head_dim" in kwargs:
+        kwargs["qk_head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
 
 
 def build(model_type: str):
