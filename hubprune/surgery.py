@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
 # rather than one value per layer (sliced).
-_INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
+_INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers", "attn_layer_indices", "cross_attention_layers", "local_layer_ids")
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id")  # renumbered to the kept layer's new position
 _COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
 _NOT_PER_LAYER = ("architectures",)
@@ -76,6 +76,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
                     setattr(module, name, position)
     set_module(pruned, family.layers, new)
     sliced = slice_config(pruned.config, kept, num_layers)
+    refresh_copied_settings(pruned, model.config, sliced)
     logger.info("dropped layers %s; %d layers remain; config entries updated: %s", removed, len(kept), sliced)
     return pruned
 
@@ -114,6 +115,19 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         changed.append(key)
     config.num_hidden_layers = len(kept)
     return ["num_hidden_layers", *changed]
+
+
+def refresh_copied_settings(model: nn.Module, old_config, keys: Sequence[str]) -> None:
+    """Give the sliced config entries ``keys`` to the modules that copied them from ``old_config`` at
+    build time (Mllama's text model keeps ``cross_attention_layers``), so that the pruned model runs
+    in memory as it will after a reload: an attribute of the same name that still holds the old value."""
+    old_text, new_text = old_config.get_text_config(), model.config.get_text_config()
+    for key in keys:
+        old, new = getattr(old_text, key, None), getattr(new_text, key, None)
+        for module in model.modules():
+            value = vars(module).get(key)
+            if value is not None and not isinstance(value, nn.Module) and type(value) is type(old) and value == old:
+                setattr(module, key, copy.copy(new))
 
 
 def slice_copy(config, kept: Sequence[int], num_layers: int):

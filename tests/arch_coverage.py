@@ -48,6 +48,22 @@ SMALL = dict(
     moe_topk=2, zero_expert_num=2, ffn_hidden_size=128, expert_ffn_hidden_size=32,
 )
 SSM = dict(mamba_n_heads=4, mamba_d_head=32, mamba_expand=2, expand=2, num_heads=8)  # tried second: state-space sizes
+HYBRID = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention",
+          "linear_attention"]
+# Settings a real checkpoint of the type writes but the type's defaults leave unset (or set for the full
+# depth only), by the config class they belong to: without them the type's own code fails at 6 layers.
+FIXES = {
+    "BambaConfig": dict(attn_layer_indices=[1, 4]),  # the default has no attention layer at all
+    "GraniteMoeHybridConfig": dict(layer_types=HYBRID),
+    "Lfm2MoeConfig": dict(layer_types=[t.replace("linear_attention", "conv") for t in HYBRID]),
+    "CohereCompassTextConfig": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "DbrxAttentionConfig": dict(rope_theta=5e5, clip_qkv=8.0),  # its attention reads both; None fails
+    "Dots1Config": dict(n_shared_experts=1),
+    "NemotronHConfig": dict(layers_block_type=["linear_attention", "moe", "linear_attention", "moe", "full_attention",
+                                               "mlp"]),  # its default is 4 layers, each of a different kind
+    "Qwen4ExpTextConfig": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=2),  # its default layer types use the indexer
+}
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
 MLA = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "head_dim", "rotary_dim")
 
@@ -105,6 +121,7 @@ def _small(cls, base, small: dict, carry: bool):
                     "moe_layers", "mlp_only_layers", "full_attn_idxs"):
         if derived in kwargs and any(k in small for k in LAYER_COUNTS):
             kwargs[derived] = None  # recomputed for the new layer count
+    kwargs.update(FIXES.get(cls.__name__, {}))
     return cls(**kwargs)
 
 
@@ -212,8 +229,23 @@ def check(model_type: str, folder: Path) -> Outcome:
             stage = "untouched tensors"
             _outside_layers_unchanged(folder / "original", folder / "cut", model.config)
     except Exception as err:
+        if stage == "reload" and not _reloads(model, folder / "unpruned"):
+            return Outcome(model_type, "not tiny", f"the unpruned model does not reload either: {_line(err)}")
         return Outcome(model_type, "failed", f"{stage}: {_line(err)}")
     return Outcome(model_type, "pruned", f"{type(model).__name__}, {size / 1e6:.1f}M parameters")
+
+
+def _reloads(model, folder: Path) -> bool:
+    """Whether save_pretrained + AutoModelForCausalLM.from_pretrained work for ``model`` as built (they
+    do not for a type whose causal-LM class saves a config the Auto class does not map)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model.save_pretrained(folder)
+        AutoModelForCausalLM.from_pretrained(folder)
+    except Exception:
+        return False
+    return True
 
 
 def _outside_layers_unchanged(source: Path, cut: Path, config) -> None:
