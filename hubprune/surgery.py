@@ -84,8 +84,9 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
 def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
     """Make ``config`` describe only the ``kept`` layers (0-based, ascending); the keys changed.
 
-    Per-layer lists are sliced, layer-index lists renumbered, layer counts recounted; a periodic
-    MoE step (``decoder_sparse_step``) becomes the explicit list of dense layers. A text config
+    Per-layer lists are sliced, layer-index lists and per-layer overrides (``per_layer_config``)
+    renumbered, layer counts recounted; a periodic MoE step (``decoder_sparse_step``) becomes the
+    explicit list of dense layers. A text config
     inside a multimodal config is sliced in place."""
     text = config.get_text_config()
     if text is not config:
@@ -114,6 +115,11 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         setattr(config, key, new)
         changed.append(key)
     config.num_hidden_layers = len(kept)
+    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides, keyed by layer index
+    if spec is not None:
+        overrides = spec.per_layer_overrides
+        config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
+        changed.append("per_layer_config")
     return ["num_hidden_layers", *changed]
 
 
@@ -196,6 +202,14 @@ def refuse_index_dependent_layers(config, kept: list[int]) -> None:
             "this GPT-2 model scales attention by its layer index (scale_attn_by_inverse_layer_idx=True), "
             "so only its last layers can be dropped without changing the kept ones; "
             f"drop a suffix such as layers {len(kept)}..{config.num_hidden_layers - 1}"
+        )
+    # Gemma 3n/4 per-layer embeddings: tensors outside the layers hold one slice per layer.
+    per_layer_input = vars(config.get_text_config()).get("hidden_size_per_layer_input")
+    if per_layer_input:
+        raise ValueError(
+            f"cannot prune model_type {config.model_type!r}: its per-layer input embeddings "
+            f"(hidden_size_per_layer_input={per_layer_input}) keep one slice per layer outside the decoder layers, "
+            "which hubprune does not cut yet"
         )
 
 
