@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 import re
 from collections.abc import Sequence
 
@@ -23,8 +24,11 @@ logger = logging.getLogger(__name__)
 # Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
 # rather than one value per layer (sliced).
 _INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers", "attn_layer_indices", "cross_attention_layers", "local_layer_ids")
-LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id")  # renumbered to the kept layer's new position
-_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace")
+# Renumbered with the kept layer's new position (same base: a 1-based number stays 1-based).
+LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_number")
+_COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
+# Settings a layer uses divided by sqrt(num_hidden_layers) (MiniCPM's residual scale): rescaled so the quotient stays.
+_DEPTH_SCALED_KEYS = ("scale_depth",)
 _NOT_PER_LAYER = ("architectures",)
 _PATTERN_HINT = re.compile(r"layer|step|freq|pattern|interval|period|every|sparse", re.I)
 
@@ -72,8 +76,9 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     for position, layer in enumerate(new):
         for module in layer.modules():
             for name in LAYER_INDEX_ATTRIBUTES:  # the KV-cache (or recurrent-state) slot of the layer
-                if isinstance(getattr(module, name, None), int) and not isinstance(getattr(module, name), bool):
-                    setattr(module, name, position)
+                value = getattr(module, name, None)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    setattr(module, name, value - kept[position] + position)
     set_module(pruned, family.layers, new)
     sliced = slice_config(pruned.config, kept, num_layers)
     refresh_copied_settings(pruned, model.config, sliced)
@@ -108,6 +113,8 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
             new = [kept.index(i) for i in value if i in kept]
         elif key in _COUNT_KEYS and isinstance(value, int):
             new = sum(1 for i in kept if i < value)
+        elif key in _DEPTH_SCALED_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            new = value * math.sqrt(len(kept) / num_layers)
         elif isinstance(value, (list, tuple)) and len(value) == num_layers and key not in _NOT_PER_LAYER:
             new = type(value)(value[i] for i in kept)
         else:
@@ -183,7 +190,7 @@ def _signature(layer: nn.Module) -> list[tuple]:
         shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
         settings = tuple(
             sorted(
-                (k, v)
+                (k, float(f"{v:.12g}") if isinstance(v, float) else v)  # a rescaled setting may differ in its last bit
                 for k, v in vars(module).items()
                 if not k.startswith("_")
                 and k not in (*LAYER_INDEX_ATTRIBUTES, "training")
