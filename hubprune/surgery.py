@@ -30,6 +30,7 @@ _COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
 # Settings a layer uses divided by sqrt(num_hidden_layers) (MiniCPM's residual scale): rescaled so the quotient stays.
 _DEPTH_SCALED_KEYS = ("scale_depth",)
 _NOT_PER_LAYER = ("architectures",)
+_PERIODIC = re.compile(r"period|offset|interval|step|every|freq", re.I)  # int fields that may hold a layer pattern
 _PATTERN_HINT = re.compile(r"layer|step|freq|pattern|interval|period|every|sparse", re.I)
 
 
@@ -99,6 +100,7 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         if getattr(config, "num_hidden_layers", None) == num_layers:
             config.num_hidden_layers = len(kept)
         return changed
+    derived = _derived_lists(config, num_layers)  # before slicing: what the kept layers were built from
     changed = []
     step = getattr(config, "decoder_sparse_step", None)
     if isinstance(step, int) and step > 1 and isinstance(getattr(config, "mlp_only_layers", None), list):
@@ -127,7 +129,72 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         overrides = spec.per_layer_overrides
         config.per_layer_config = {new: overrides[old] for new, old in enumerate(kept) if old in overrides}
         changed.append("per_layer_config")
+    changed += _refit_patterns(config, derived, kept, num_layers)
     return ["num_hidden_layers", *changed]
+
+
+def _derived_lists(config, num_layers: int) -> dict[str, list]:
+    """The per-layer lists a config computes (properties such as Jamba's ``layers_block_type``)."""
+    found = {}
+    for name in dir(type(config)):
+        if name.startswith("_") or not isinstance(getattr(type(config), name, None), property):
+            continue
+        try:
+            value = getattr(config, name)
+        except Exception:  # a property that does not apply to this config
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == num_layers:
+            found[name] = list(value)
+    return found
+
+
+def _refit_patterns(config, derived: dict[str, list], kept: Sequence[int], num_layers: int) -> list[str]:
+    """Make the per-layer lists the config computes (``derived``, before the cut) list the kept layers' entries,
+    by rewriting the pattern they come from: a repeated list (RecurrentGemma's ``block_types``) becomes the
+    explicit per-layer list; a period or offset (Jamba's ``attn_layer_offset``) gets the value that fits, where
+    one does. The keys changed; a pattern that no value fits is left for ``check_kept_layers`` to refuse."""
+    want = {name: [value[i] for i in kept] for name, value in derived.items()}
+
+    def fits() -> bool:
+        try:
+            return all(list(getattr(config, name) or []) == value for name, value in want.items())
+        except Exception:  # the config cannot compute a list from these values
+            return False
+
+    if fits():
+        return []
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and 0 < len(value) < num_layers and key not in _INDEX_LIST_KEYS:
+            explicit = type(value)(value[i % len(value)] for i in kept)  # the repeated entries the kept layers had
+            if _try(config, {key: explicit}, fits):
+                return [key]
+    ints = [
+        k
+        for k, v in vars(config).items()
+        if _PERIODIC.search(k) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= num_layers
+    ]
+    values = range(num_layers + 1)
+    for size in (1, 2):
+        for keys in itertools.combinations(ints, size):
+            for candidate in itertools.product(values, repeat=size):
+                if _try(config, dict(zip(keys, candidate)), fits):
+                    return list(keys)
+    return []
+
+
+def _try(config, values: dict, fits) -> bool:
+    """Set ``values`` on ``config`` and keep them if ``fits()``; otherwise restore the old ones."""
+    old = {k: getattr(config, k) for k in values}
+    try:
+        for key, value in values.items():
+            setattr(config, key, value)
+        if fits():
+            return True
+    except Exception:  # a value the config refuses
+        pass
+    for key, value in old.items():
+        setattr(config, key, value)
+    return False
 
 
 def refresh_copied_settings(model: nn.Module, old_config, keys: Sequence[str]) -> None:
