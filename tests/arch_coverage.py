@@ -59,6 +59,11 @@ FIXES = {
     "CohereCompassTextConfig": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "DbrxAttentionConfig": dict(rope_theta=5e5, clip_qkv=8.0),  # its attention reads both; None fails
     "Dots1Config": dict(n_shared_experts=1),
+    "Dots3NoteTextConfig": dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16,
+                                swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16),
+    "Dots3NoteVisionConfig": dict(pyramid_num_routed=[-1, -1, -1, 4, 4, 4], adapter_in_dim=64, adapter_out_dim=64),
+    "Dots3NoteAudioConfig": dict(adapter_input_size=64, adapter_out_dim=64),
+    "Kolibri1_1Config": dict(index_num_heads=2),  # at most the query heads of one key head
     "NemotronHConfig": dict(layers_block_type=["linear_attention", "moe", "linear_attention", "moe", "full_attention",
                                                "mlp"]),  # its default is 4 layers, each of a different kind
     "Qwen4ExpTextConfig": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
@@ -128,11 +133,11 @@ def _small(cls, base, small: dict, carry: bool):
 def _keep_ratios(base, kwargs: dict) -> None:
     """Shrunken sizes that keep the default's relations: as many KV heads as query heads where the
     default has that (multi-head latent attention needs it)."""
-    heads, kv = getattr(base, "num_attention_heads", None), getattr(base, "num_key_value_heads", None)
+    heads, kv = vars(base).get("num_attention_heads"), vars(base).get("num_key_value_heads")
     if "num_key_value_heads" in kwargs and isinstance(heads, int) and heads == kv:
         kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", heads)
-    rope = getattr(base, "qk_rope_head_dim", None)
-    if "head_dim" in kwargs and rope is not None and getattr(base, "head_dim", None) == rope:
+    rope = vars(base).get("qk_rope_head_dim")
+    if "head_dim" in kwargs and rope is not None and vars(base).get("head_dim") == rope:
         kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", rope)  # the rotary part's size
     if "qk_head_dim" in kwargs and "qk_nope_head_dim" in kwargs:
         kwargs["qk_head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
