@@ -23,9 +23,18 @@ logger = logging.getLogger(__name__)
 
 # Config entries that hold layer *indices* (remapped) or a layer *count* (recounted),
 # rather than one value per layer (sliced).
-_INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers", "attn_layer_indices", "cross_attention_layers", "local_layer_ids")
+_INDEX_LIST_KEYS = (
+    "mlp_only_layers",
+    "moe_layers",
+    "attn_layer_indices",
+    "cross_attention_layers",
+    "local_layer_ids",
+    "index_layers",
+)
 # Renumbered with the kept layer's new position (same base: a 1-based number stays 1-based).
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_number")
+_SOURCE_KEYS = ("kv_source_layers",)  # one entry per layer, naming the layer whose KV cache it reads
+LAYER_REFERENCE_ATTRIBUTES = ("kv_source_layer",)  # a layer module's copy of it
 _COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
 # Settings a layer uses divided by sqrt(num_hidden_layers) (MiniCPM's residual scale): rescaled so the quotient stays.
 _DEPTH_SCALED_KEYS = ("scale_depth",)
@@ -80,6 +89,10 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
                 value = getattr(module, name, None)
                 if isinstance(value, int) and not isinstance(value, bool):
                     setattr(module, name, value - kept[position] + position)
+            for name in LAYER_REFERENCE_ATTRIBUTES:  # another layer, by index (checked kept by slice_config)
+                value = getattr(module, name, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value in kept:
+                    setattr(module, name, kept.index(value))
     set_module(pruned, family.layers, new)
     sliced = slice_config(pruned.config, kept, num_layers)
     refresh_copied_settings(pruned, model.config, sliced)
@@ -113,6 +126,14 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
             continue
         if key in _INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
             new = [kept.index(i) for i in value if i in kept]
+        elif key in _SOURCE_KEYS and isinstance(value, (list, tuple)) and len(value) == num_layers:
+            lost = [i for i in kept if value[i] not in kept]
+            if lost:
+                raise ValueError(
+                    f"layer {lost[0]} reads the KV cache of layer {value[lost[0]]} ({key}), which this cut removes; "
+                    f"keep layer {value[lost[0]]} or drop layer {lost[0]} too"
+                )
+            new = type(value)(kept.index(value[i]) for i in kept)
         elif key in _COUNT_KEYS and isinstance(value, int):
             new = sum(1 for i in kept if i < value)
         elif key in _DEPTH_SCALED_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -232,7 +253,7 @@ def check_kept_layers(config, new_config, kept: Sequence[int], model_class: type
     before, after = skeleton(config, model_class), skeleton(new_config, model_class)
     old, new = decoder_layers(before), decoder_layers(after)
     for j, i in enumerate(kept):
-        a, b = _signature(old[i]), _signature(new[j])
+        a, b = _signature(old[i], {o: n for n, o in enumerate(kept)}), _signature(new[j])
         if a != b:
             diff = (
                 next(f"{x[0] or 'the layer'}: {x[1:]} != {y[1:]}" for x, y in zip(a, b) if x != y)
@@ -251,19 +272,24 @@ def check_kept_layers(config, new_config, kept: Sequence[int], model_class: type
             )
 
 
-def _signature(layer: nn.Module) -> list[tuple]:
+def _signature(layer: nn.Module, renumber: dict[int, int] | None = None) -> list[tuple]:
+    """Each module's class, weight shapes and scalar settings; ``renumber`` maps the layer indices that
+    LAYER_REFERENCE_ATTRIBUTES hold to their new numbers."""
     rows = []
     for path, module in layer.named_modules():
         shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
-        settings = tuple(
-            sorted(
-                (k, float(f"{v:.12g}") if isinstance(v, float) else v)  # a rescaled setting may differ in its last bit
-                for k, v in vars(module).items()
-                if not k.startswith("_")
-                and k not in (*LAYER_INDEX_ATTRIBUTES, "training")
-                and isinstance(v, (int, float, bool, str))
-            )
-        )
+        settings = []
+        for k, v in sorted(vars(module).items()):
+            if k.startswith("_") or k in (*LAYER_INDEX_ATTRIBUTES, "training"):
+                continue
+            if isinstance(v, float):
+                v = float(f"{v:.12g}")  # a rescaled setting may differ in its last bit
+            elif k in LAYER_REFERENCE_ATTRIBUTES and renumber is not None:
+                v = renumber.get(v, f"dropped layer {v}")
+            elif not isinstance(v, (int, bool, str)):
+                continue
+            settings.append((k, v))
+        settings = tuple(settings)
         rows.append((path, type(module).__name__, shapes, settings))
     return rows
 
