@@ -39,6 +39,7 @@ _COUNT_KEYS = ("max_window_layers", "first_k_dense_replace", "num_dense_layers")
 # Settings a layer uses divided by sqrt(num_hidden_layers) (MiniCPM's residual scale): rescaled so the quotient stays.
 _DEPTH_SCALED_KEYS = ("scale_depth",)
 _NOT_PER_LAYER = ("architectures",)
+_COUNT_ALIASES = ("num_blocks", "num_layers", "n_layer", "n_layers")  # the layer count under another name
 _PERIODIC = re.compile(r"period|offset|interval|step|every|freq", re.I)  # int fields that may hold a layer pattern
 _PATTERN_HINT = re.compile(r"layer|step|freq|pattern|interval|period|every|sparse", re.I)
 
@@ -134,6 +135,8 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
                     f"keep layer {value[lost[0]]} or drop layer {lost[0]} too"
                 )
             new = type(value)(kept.index(value[i]) for i in kept)
+        elif key in _COUNT_ALIASES and value == num_layers and not isinstance(value, bool):
+            new = len(kept)
         elif key in _COUNT_KEYS and isinstance(value, int):
             new = sum(1 for i in kept if i < value)
         elif key in _DEPTH_SCALED_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -63,6 +63,7 @@ FIXES = {
                                 swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16),
     "Dots3NoteVisionConfig": dict(pyramid_num_routed=[-1, -1, -1, 4, 4, 4], adapter_in_dim=64, adapter_out_dim=64),
     "Dots3NoteAudioConfig": dict(adapter_input_size=64, adapter_out_dim=64),
+    "xLSTMConfig": dict(qk_dim_factor=1.0),  # its native step kernel sizes the state by the value width (0.5 fails)
     "Kolibri1_1Config": dict(index_num_heads=2),  # at most the query heads of one key head
     "NemotronHConfig": dict(layers_block_type=["linear_attention", "moe", "linear_attention", "moe", "full_attention",
                                                "mlp"]),  # its default is 4 layers, each of a different kind
