@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from hubprune.families import decoder_layers, family_of, set_module, skeleton
+from hubprune.perlayer import cut_per_layer_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
                 if isinstance(value, int) and not isinstance(value, bool) and value in kept:
                     setattr(module, name, kept.index(value))
     set_module(pruned, family.layers, new)
+    cut_per_layer_tensors(pruned, kept, num_layers, family.layers)
     sliced = slice_config(pruned.config, kept, num_layers)
     refresh_copied_settings(pruned, model.config, sliced)
     logger.info("dropped layers %s; %d layers remain; config entries updated: %s", removed, len(kept), sliced)
@@ -305,14 +307,6 @@ def refuse_index_dependent_layers(config, kept: list[int]) -> None:
             "this GPT-2 model scales attention by its layer index (scale_attn_by_inverse_layer_idx=True), "
             "so only its last layers can be dropped without changing the kept ones; "
             f"drop a suffix such as layers {len(kept)}..{config.num_hidden_layers - 1}"
-        )
-    # Gemma 3n/4 per-layer embeddings: tensors outside the layers hold one slice per layer.
-    per_layer_input = vars(config.get_text_config()).get("hidden_size_per_layer_input")
-    if per_layer_input:
-        raise ValueError(
-            f"cannot prune model_type {config.model_type!r}: its per-layer input embeddings "
-            f"(hidden_size_per_layer_input={per_layer_input}) keep one slice per layer outside the decoder layers, "
-            "which hubprune does not cut yet"
         )
 
 

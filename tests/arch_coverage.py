@@ -233,7 +233,7 @@ def check(model_type: str, folder: Path) -> Outcome:
             cut_checkpoint(folder / "original", folder / "cut", drop, progress=False)
             _same(AutoModelForCausalLM.from_pretrained(folder / "cut").eval()(input_ids=ids, use_cache=False).logits, got)
             stage = "untouched tensors"
-            _outside_layers_unchanged(folder / "original", folder / "cut", model.config)
+            _outside_layers_unchanged(folder / "original", folder / "cut", model.config, drop)
     except Exception as err:
         if stage == "reload" and not _reloads(model, folder / "unpruned"):
             return Outcome(model_type, "not tiny", f"the unpruned model does not reload either: {_line(err)}")
@@ -254,20 +254,30 @@ def _reloads(model, folder: Path) -> bool:
     return True
 
 
-def _outside_layers_unchanged(source: Path, cut: Path, config) -> None:
-    """Every tensor outside the decoder layers (embeddings, vision and audio towers, ...) is copied byte for byte."""
+def _outside_layers_unchanged(source: Path, cut: Path, config, drop: list[int]) -> None:
+    """Every tensor outside the decoder layers (embeddings, vision and audio towers, ...) is copied byte for byte;
+    one that holds a block per layer (Gemma 4 per-layer embeddings) keeps exactly the kept layers' blocks."""
     from safetensors.torch import load_file
 
     from hubprune.families import family_of
     from hubprune.filesurgery import layer_key_pattern
+    from hubprune.perlayer import per_layer_dim, per_layer_width
 
     def tensors(folder: Path) -> dict:
         return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
+    def expected(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        dim = per_layer_dim(name, tensor.shape, n, width)
+        if dim is None:
+            return tensor
+        blocks = tensor.unflatten(dim, (n, width))
+        return blocks.index_select(dim, torch.tensor([i for i in range(n) if i not in drop])).flatten(dim, dim + 1)
+
     before, after = tensors(source), tensors(cut)
-    pattern = layer_key_pattern(list(before), config.get_text_config().num_hidden_layers, family_of(config))
+    n, width = config.get_text_config().num_hidden_layers, per_layer_width(config)
+    pattern = layer_key_pattern(list(before), n, family_of(config))
     outside = [k for k in before if not pattern.match(k)]
-    changed = [k for k in outside if k not in after or not torch.equal(before[k], after[k])]
+    changed = [k for k in outside if k not in after or not torch.equal(expected(k, before[k]), after[k])]
     if changed:
         raise AssertionError(f"{len(changed)} tensors outside the layers changed or went missing: {changed[:3]}")
 
