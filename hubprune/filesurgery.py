@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from hubprune.card import write_card
 from hubprune.config import PruneConfig, Recipe
-from hubprune.families import NOT_TEXT, family_of
+from hubprune.families import NOT_TEXT, family_of, layer_count
 from hubprune.io import atomic_output
 from hubprune.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
 from hubprune.record import RECIPE_FILE, PruneRecord
@@ -91,7 +91,7 @@ def cut_checkpoint(
         raise FileNotFoundError(f"{source} has no config.json; give a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(source)
     family = family_of(config)
-    num_layers = config.get_text_config().num_hidden_layers
+    num_layers = layer_count(config)
     removed = check_layers(list(layers), num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     refuse_index_dependent_layers(config, kept)
@@ -210,7 +210,7 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
     headers = [read_header(folder / shard)[0] for shard in shard_files(folder)]
     pattern = layer_key_pattern(
         [k for h in headers for k in h if k != "__metadata__"],
-        config.get_text_config().num_hidden_layers,
+        layer_count(config),
         family_of(config),
     )
     before = after = 0

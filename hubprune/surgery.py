@@ -90,7 +90,8 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
             for name in LAYER_INDEX_ATTRIBUTES:  # the KV-cache (or recurrent-state) slot of the layer
                 value = getattr(module, name, None)
                 if isinstance(value, int) and not isinstance(value, bool):
-                    setattr(module, name, value - kept[position] + position)
+                    slots = 1 if module is layer else family.slots  # a layer counts layers, its parts slots
+                    setattr(module, name, value + slots * (position - kept[position]))
             for name in LAYER_REFERENCE_ATTRIBUTES:  # another layer, by index (checked kept by slice_config)
                 value = getattr(module, name, None)
                 if isinstance(value, int) and not isinstance(value, bool) and value in kept:
@@ -116,6 +117,7 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
         if getattr(config, "num_hidden_layers", None) == num_layers:
             config.num_hidden_layers = len(kept)
         return changed
+    slots = max(1, config.num_hidden_layers // num_layers)  # cache slots per layer (LongCat-Flash: 2)
     derived = _derived_lists(config, num_layers)  # before slicing: what the kept layers were built from
     changed = []
     step = getattr(config, "decoder_sparse_step", None)
@@ -149,7 +151,7 @@ def slice_config(config, kept: Sequence[int], num_layers: int) -> list[str]:
             continue
         setattr(config, key, new)
         changed.append(key)
-    config.num_hidden_layers = len(kept)
+    config.num_hidden_layers = len(kept) * slots
     spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides, keyed by layer index
     if spec is not None:
         overrides = spec.per_layer_overrides

@@ -259,7 +259,7 @@ def _outside_layers_unchanged(source: Path, cut: Path, config, drop: list[int]) 
     one that holds a block per layer (Gemma 4 per-layer embeddings) keeps exactly the kept layers' blocks."""
     from safetensors.torch import load_file
 
-    from hubprune.families import family_of
+    from hubprune.families import family_of, layer_count
     from hubprune.filesurgery import layer_key_pattern
     from hubprune.perlayer import per_layer_dim, per_layer_width
 
@@ -274,7 +274,7 @@ def _outside_layers_unchanged(source: Path, cut: Path, config, drop: list[int]) 
         return blocks.index_select(dim, torch.tensor([i for i in range(n) if i not in drop])).flatten(dim, dim + 1)
 
     before, after = tensors(source), tensors(cut)
-    n, width = config.get_text_config().num_hidden_layers, per_layer_width(config)
+    n, width = layer_count(config), per_layer_width(config)
     pattern = layer_key_pattern(list(before), n, family_of(config))
     outside = [k for k in before if not pattern.match(k)]
     changed = [k for k in outside if k not in after or not torch.equal(expected(k, before[k]), after[k])]
