@@ -5,11 +5,13 @@
 
 For every model type in transformers' causal-LM auto mapping (encoder-decoder and masked-LM
 families are counted apart: they are not decoder-only), build a tiny random config from the
-type's defaults (hidden 64, 6 layers, 4 experts, ...; a type that cannot be built tiny is
-listed with the reason), then:
+type's defaults (hidden 64, 6 layers, 4 experts, ...; FIXES holds the few settings that real
+checkpoints write and the defaults leave unset; a type that cannot be built tiny, or whose
+unpruned model does not even reload with AutoModelForCausalLM, is listed with the reason), then:
 
-1. drop layers 2 and 3 in memory (hubprune.surgery.drop_layers);
-2. the pruned model's logits equal the original's run with layers 2 and 3 skipped
+1. drop 2 layers in memory (hubprune.surgery.drop_layers): 2 and 3, or the first pair that leaves
+   every kind of layer in layer_types at least one (drop_for);
+2. the pruned model's logits equal the original's run with those layers skipped
    (identity hooks, no cache): the kept path computes what it computed before;
 3. save_pretrained + AutoModelForCausalLM.from_pretrained give the same logits;
 4. greedy generation with the KV cache equals generation without it (layer_idx renumbered);
