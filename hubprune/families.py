@@ -37,6 +37,9 @@ class Family:
     # The layer's MLP output projection, where its output is added straight to the residual
     # stream (None where the family normalises it first): what hubprune.refit refits.
     mlp_out: str | None = "mlp.down_proj"
+    # Cache slots (``layer_idx`` values) per decoder layer, where ``num_hidden_layers`` counts slots rather
+    # than layers: a LongCat-Flash layer holds two attention sublayers, numbered 2i and 2i + 1.
+    slots: int = 1
 
 
 # Where discovery would answer wrong, a row here says the right answer (none is needed today: every
@@ -96,6 +99,15 @@ def discover(model: nn.Module) -> Family:
         (p, m) for p, m in text if any(isinstance(getattr(x, "layer_idx", None), int) for x in m[0].modules())
     ]
     candidates = attention or text
+    slots = 1
+    if not lists:  # num_hidden_layers may count cache slots: a list whose layers each hold several
+        stacks = [
+            (p, m)
+            for p, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and p and not NOT_TEXT.search(p) and len(m) > 1 and n % len(m) == 0
+        ]
+        candidates = [(p, m) for p, m in stacks if _slot_numbers(m) == list(range(n))]
+        slots = n // len(candidates[0][1]) if len(candidates) == 1 else 1
     if len(candidates) > 1:  # an encoder beside the decoder
         candidates = [(p, m) for p, m in candidates if "encoder" not in p] or candidates
     if len(candidates) != 1:
@@ -111,7 +123,27 @@ def discover(model: nn.Module) -> Family:
         final_norm=norm,
         lora_targets=_linear_names(stack, config),
         mlp_out=_mlp_out(stack[0]),
+        slots=slots,
     )
+
+
+def _slot_numbers(stack: nn.ModuleList) -> list[int]:
+    """The ``layer_idx`` values held inside the layers of ``stack`` (not by a layer itself), layer by layer."""
+    per_layer = [
+        sorted(
+            {m.layer_idx for m in layer.modules() if m is not layer and isinstance(getattr(m, "layer_idx", None), int)}
+        )
+        for layer in stack
+    ]
+    if len({len(found) for found in per_layer}) != 1:  # every layer holds as many slots
+        return []
+    return [number for found in per_layer for number in found]
+
+
+def layer_count(model_or_config) -> int:
+    """How many decoder layers a model has: ``num_hidden_layers``, or that over the cache slots per layer."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config().num_hidden_layers // family_of(model_or_config).slots
 
 
 def _final_norm(model: nn.Module, parent: str) -> str | None:

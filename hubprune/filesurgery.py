@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from hubprune.card import write_card
 from hubprune.config import PruneConfig, Recipe
-from hubprune.families import NOT_TEXT, family_of
+from hubprune.families import NOT_TEXT, family_of, layer_count
 from hubprune.io import atomic_output
+from hubprune.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
 from hubprune.record import RECIPE_FILE, PruneRecord
 from hubprune.surgery import check_kept_layers, check_layers, refuse_index_dependent_layers, slice_config, slice_copy
 
@@ -90,7 +91,7 @@ def cut_checkpoint(
         raise FileNotFoundError(f"{source} has no config.json; give a transformers checkpoint folder")
     config = AutoConfig.from_pretrained(source)
     family = family_of(config)
-    num_layers = config.get_text_config().num_hidden_layers
+    num_layers = layer_count(config)
     removed = check_layers(list(layers), num_layers)
     kept = [i for i in range(num_layers) if i not in set(removed)]
     refuse_index_dependent_layers(config, kept)
@@ -100,6 +101,7 @@ def cut_checkpoint(
     headers = {shard: read_header(source / shard)[0] for shard in shards}
     pattern = layer_key_pattern([k for h in headers.values() for k in h if k != "__metadata__"], num_layers, family)
 
+    width = per_layer_width(config)
     plan = []  # (source shard, [(old name, new name, info)])
     for shard in shards:
         header = headers[shard]
@@ -111,10 +113,14 @@ def cut_checkpoint(
             if match and int(match.group(2)) in new_index:
                 entries.append((name, f"{match.group(1)}{new_index[int(match.group(2))]}{match.group(3)}", info))
             elif not match:
+                dim = per_layer_dim(name, info["shape"], num_layers, width)
+                if dim is not None:  # one block per layer outside the layers (Gemma 4 per-layer embeddings)
+                    shape = blocks_shape(info["shape"], dim, num_layers, kept)
+                    info = {**info, "shape": shape, "blocks": (dim, num_layers, kept, info["shape"])}
                 entries.append((name, name, info))
         plan.append((shard, entries, header.get("__metadata__")))
     plan = [p for p in plan if p[1]]
-    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for _, entries, _ in plan for *_, info in entries)
+    total = sum(_length(info) for _, entries, _ in plan for *_, info in entries)
 
     with atomic_output(out, overwrite=overwrite, protect=(str(source),)) as tmp:
         bar = tqdm(total=total, desc="cut", unit="B", unit_scale=True, disable=not progress)
@@ -151,7 +157,7 @@ def _copy_tensors(src: Path, dst: Path, entries: list, metadata: dict | None, ba
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for _, new, info in entries:
-        length = info["data_offsets"][1] - info["data_offsets"][0]
+        length = _length(info)
         header[new] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + length]}
         offset += length
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -162,7 +168,22 @@ def _copy_tensors(src: Path, dst: Path, entries: list, metadata: dict | None, ba
         f_out.flush()
         for _, _, info in entries:
             begin, end = info["data_offsets"]
-            copy_range(f_in, f_out, start + begin, end - begin, bar.update)
+            if "blocks" in info:
+                dim, num_layers, kept, shape = info["blocks"]
+                f_out.seek(0, os.SEEK_END)
+                bar.update(copy_blocks(f_in, f_out, start + begin, {**info, "shape": shape}, dim, num_layers, kept))
+                f_out.flush()  # before the next copy_file_range writes at the file's position
+            else:
+                copy_range(f_in, f_out, start + begin, end - begin, bar.update)
+
+
+def _length(info: dict) -> int:
+    """Bytes a planned tensor takes in the output (less than in the source for a per-layer tensor cut)."""
+    length = info["data_offsets"][1] - info["data_offsets"][0]
+    if "blocks" in info:
+        dim, num_layers, kept, _ = info["blocks"]
+        length = length // num_layers * len(kept)
+    return length
 
 
 def copy_range(f_in, f_out, offset: int, length: int, progress=lambda n: None) -> None:
@@ -189,7 +210,7 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
     headers = [read_header(folder / shard)[0] for shard in shard_files(folder)]
     pattern = layer_key_pattern(
         [k for h in headers for k in h if k != "__metadata__"],
-        config.get_text_config().num_hidden_layers,
+        layer_count(config),
         family_of(config),
     )
     before = after = 0

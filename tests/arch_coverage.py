@@ -5,11 +5,13 @@
 
 For every model type in transformers' causal-LM auto mapping (encoder-decoder and masked-LM
 families are counted apart: they are not decoder-only), build a tiny random config from the
-type's defaults (hidden 64, 6 layers, 4 experts, ...; a type that cannot be built tiny is
-listed with the reason), then:
+type's defaults (hidden 64, 6 layers, 4 experts, ...; FIXES holds the few settings that real
+checkpoints write and the defaults leave unset; a type that cannot be built tiny, or whose
+unpruned model does not even reload with AutoModelForCausalLM, is listed with the reason), then:
 
-1. drop layers 2 and 3 in memory (hubprune.surgery.drop_layers);
-2. the pruned model's logits equal the original's run with layers 2 and 3 skipped
+1. drop 2 layers in memory (hubprune.surgery.drop_layers): 2 and 3, or the first pair that leaves
+   every kind of layer in layer_types at least one (drop_for);
+2. the pruned model's logits equal the original's run with those layers skipped
    (identity hooks, no cache): the kept path computes what it computed before;
 3. save_pretrained + AutoModelForCausalLM.from_pretrained give the same logits;
 4. greedy generation with the KV cache equals generation without it (layer_idx renumbered);
@@ -44,8 +46,32 @@ SMALL = dict(
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=64, pad_token_id=0,
     bos_token_id=1, eos_token_id=2, image_size=32, patch_size=8, projection_dim=64, vision_hidden_size=64,
     text_hidden_size=64, mm_tokens_per_image=4, vocab_size_per_layer_input=128, hidden_size_per_layer_input=16,
+    n_group=2, topk_group=1, num_expert_group=2,  # expert groups: 2 groups of the 4 experts
+    moe_topk=2, zero_expert_num=2, ffn_hidden_size=128, expert_ffn_hidden_size=32,
 )
 SSM = dict(mamba_n_heads=4, mamba_d_head=32, mamba_expand=2, expand=2, num_heads=8)  # tried second: state-space sizes
+HYBRID = ["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention",
+          "linear_attention"]
+# Settings a real checkpoint of the type writes but the type's defaults leave unset (or set for the full
+# depth only), by the config class they belong to: without them the type's own code fails at 6 layers.
+FIXES = {
+    "BambaConfig": dict(attn_layer_indices=[1, 4]),  # the default has no attention layer at all
+    "GraniteMoeHybridConfig": dict(layer_types=HYBRID),
+    "Lfm2MoeConfig": dict(layer_types=[t.replace("linear_attention", "conv") for t in HYBRID]),
+    "CohereCompassTextConfig": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "DbrxAttentionConfig": dict(rope_theta=5e5, clip_qkv=8.0),  # its attention reads both; None fails
+    "Dots1Config": dict(n_shared_experts=1),
+    "Dots3NoteTextConfig": dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16,
+                                swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16),
+    "Dots3NoteVisionConfig": dict(pyramid_num_routed=[-1, -1, -1, 4, 4, 4], adapter_in_dim=64, adapter_out_dim=64),
+    "Dots3NoteAudioConfig": dict(adapter_input_size=64, adapter_out_dim=64),
+    "xLSTMConfig": dict(qk_dim_factor=1.0),  # its native step kernel sizes the state by the value width (0.5 fails)
+    "Kolibri1_1Config": dict(index_num_heads=2),  # at most the query heads of one key head
+    "NemotronHConfig": dict(layers_block_type=["linear_attention", "moe", "linear_attention", "moe", "full_attention",
+                                               "mlp"]),  # its default is 4 layers, each of a different kind
+    "Qwen4ExpTextConfig": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8,
+                           indexer_compress_ratio=2),  # its default layer types use the indexer
+}
 LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer")
 MLA = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "head_dim", "rotary_dim")
 
@@ -95,6 +121,7 @@ def _small(cls, base, small: dict, carry: bool):
     fields = set(inspect.signature(cls.__init__).parameters)
     kwargs = {k: v for k, v in vars(base).items() if carry and k in fields and not isinstance(v, PretrainedConfig)}
     kwargs.update({k: v for k, v in small.items() if k in fields})
+    _keep_ratios(base, kwargs)
     for name, sub in vars(base).items():
         if isinstance(sub, PretrainedConfig) and name in fields:
             kwargs[name] = _small(type(sub), sub, small, carry)
@@ -102,7 +129,21 @@ def _small(cls, base, small: dict, carry: bool):
                     "moe_layers", "mlp_only_layers", "full_attn_idxs"):
         if derived in kwargs and any(k in small for k in LAYER_COUNTS):
             kwargs[derived] = None  # recomputed for the new layer count
+    kwargs.update(FIXES.get(cls.__name__, {}))
     return cls(**kwargs)
+
+
+def _keep_ratios(base, kwargs: dict) -> None:
+    """Shrunken sizes that keep the default's relations: as many KV heads as query heads where the
+    default has that (multi-head latent attention needs it)."""
+    heads, kv = vars(base).get("num_attention_heads"), vars(base).get("num_key_value_heads")
+    if "num_key_value_heads" in kwargs and isinstance(heads, int) and heads == kv:
+        kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", heads)
+    rope = vars(base).get("qk_rope_head_dim")
+    if "head_dim" in kwargs and rope is not None and vars(base).get("head_dim") == rope:
+        kwargs["head_dim"] = kwargs.get("qk_rope_head_dim", rope)  # the rotary part's size
+    if "qk_head_dim" in kwargs and "qk_nope_head_dim" in kwargs:
+        kwargs["qk_head_dim"] = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
 
 
 def build(model_type: str):
@@ -194,26 +235,51 @@ def check(model_type: str, folder: Path) -> Outcome:
             cut_checkpoint(folder / "original", folder / "cut", drop, progress=False)
             _same(AutoModelForCausalLM.from_pretrained(folder / "cut").eval()(input_ids=ids, use_cache=False).logits, got)
             stage = "untouched tensors"
-            _outside_layers_unchanged(folder / "original", folder / "cut", model.config)
+            _outside_layers_unchanged(folder / "original", folder / "cut", model.config, drop)
     except Exception as err:
+        if stage == "reload" and not _reloads(model, folder / "unpruned"):
+            return Outcome(model_type, "not tiny", f"the unpruned model does not reload either: {_line(err)}")
         return Outcome(model_type, "failed", f"{stage}: {_line(err)}")
     return Outcome(model_type, "pruned", f"{type(model).__name__}, {size / 1e6:.1f}M parameters")
 
 
-def _outside_layers_unchanged(source: Path, cut: Path, config) -> None:
-    """Every tensor outside the decoder layers (embeddings, vision and audio towers, ...) is copied byte for byte."""
+def _reloads(model, folder: Path) -> bool:
+    """Whether save_pretrained + AutoModelForCausalLM.from_pretrained work for ``model`` as built (they
+    do not for a type whose causal-LM class saves a config the Auto class does not map)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model.save_pretrained(folder)
+        AutoModelForCausalLM.from_pretrained(folder)
+    except Exception:
+        return False
+    return True
+
+
+def _outside_layers_unchanged(source: Path, cut: Path, config, drop: list[int]) -> None:
+    """Every tensor outside the decoder layers (embeddings, vision and audio towers, ...) is copied byte for byte;
+    one that holds a block per layer (Gemma 4 per-layer embeddings) keeps exactly the kept layers' blocks."""
     from safetensors.torch import load_file
 
-    from hubprune.families import family_of
+    from hubprune.families import family_of, layer_count
     from hubprune.filesurgery import layer_key_pattern
+    from hubprune.perlayer import per_layer_dim, per_layer_width
 
     def tensors(folder: Path) -> dict:
         return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
+    def expected(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        dim = per_layer_dim(name, tensor.shape, n, width)
+        if dim is None:
+            return tensor
+        blocks = tensor.unflatten(dim, (n, width))
+        return blocks.index_select(dim, torch.tensor([i for i in range(n) if i not in drop])).flatten(dim, dim + 1)
+
     before, after = tensors(source), tensors(cut)
-    pattern = layer_key_pattern(list(before), config.get_text_config().num_hidden_layers, family_of(config))
+    n, width = layer_count(config), per_layer_width(config)
+    pattern = layer_key_pattern(list(before), n, family_of(config))
     outside = [k for k in before if not pattern.match(k)]
-    changed = [k for k in outside if k not in after or not torch.equal(before[k], after[k])]
+    changed = [k for k in outside if k not in after or not torch.equal(expected(k, before[k]), after[k])]
     if changed:
         raise AssertionError(f"{len(changed)} tensors outside the layers changed or went missing: {changed[:3]}")
 
