@@ -127,12 +127,14 @@ def discover(model: nn.Module) -> Family:
     )
 
 
+def _holds_slot(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "layer_idx", None), int)
+
+
 def _slot_numbers(stack: nn.ModuleList) -> list[int]:
     """The ``layer_idx`` values held inside the layers of ``stack`` (not by a layer itself), layer by layer."""
-    per_layer = [
-        sorted(
-            {m.layer_idx for m in layer.modules() if m is not layer and isinstance(getattr(m, "layer_idx", None), int)}
-        )
+    per_layer: list[list[int]] = [
+        sorted({getattr(m, "layer_idx") for m in layer.modules() if m is not layer and _holds_slot(m)})
         for layer in stack
     ]
     if len({len(found) for found in per_layer}) != 1:  # every layer holds as many slots

@@ -38,7 +38,9 @@ def cut_per_layer_tensors(model: nn.Module, kept: Sequence[int], num_layers: int
 
     Each cut tensor is a new one (the original model's tensors are not touched)."""
     width = per_layer_width(model.config)
-    cut = []
+    cut: list[str] = []
+    if width is None:  # no per-layer input embeddings
+        return cut
     for path, module in model.named_modules():
         if path == layers_path or path.startswith(layers_path + "."):
             continue

@@ -14,6 +14,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -226,7 +227,7 @@ def _try(config, values: dict, fits) -> bool:
     return False
 
 
-def refresh_copied_settings(model: nn.Module, old_config, keys: Sequence[str]) -> None:
+def refresh_copied_settings(model: Any, old_config, keys: Sequence[str]) -> None:
     """Give the sliced config entries ``keys`` to the modules that copied them from ``old_config`` at
     build time (Mllama's text model keeps ``cross_attention_layers``), so that the pruned model runs
     in memory as it will after a reload: an attribute of the same name that still holds the old value."""
@@ -286,7 +287,7 @@ def _signature(layer: nn.Module, renumber: dict[int, int] | None = None) -> list
     rows = []
     for path, module in layer.named_modules():
         shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False))
-        settings = []
+        settings: list[tuple[str, Any]] = []
         for k, v in sorted(vars(module).items()):
             if k.startswith("_") or k in (*LAYER_INDEX_ATTRIBUTES, "training"):
                 continue
@@ -297,8 +298,7 @@ def _signature(layer: nn.Module, renumber: dict[int, int] | None = None) -> list
             elif not isinstance(v, (int, bool, str)):
                 continue
             settings.append((k, v))
-        settings = tuple(settings)
-        rows.append((path, type(module).__name__, shapes, settings))
+        rows.append((path, type(module).__name__, shapes, tuple(settings)))
     return rows
 
 
