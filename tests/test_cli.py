@@ -129,14 +129,14 @@ def test_bad_models(tiny_model_dir, tmp_path, capsys):
     (vision / "model.safetensors").write_bytes(b"")
     _assert_clean_failure(capsys, _prune(vision, out, "--drop", "1"), out, "not a causal language model")
 
-    from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
 
-    japanese = tmp_path / "gpt-neox-japanese"  # each layer keeps its layer_number, which its forward uses
-    GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3,
-                                                     intermediate_multiple_size=2, vocab_size=300, bos_token_id=1,
-                                                     eos_token_id=2)).save_pretrained(japanese)
-    tiny_tokenizer().save_pretrained(japanese)
-    _assert_clean_failure(capsys, _prune(japanese, out, "--layers", "1"), out, "cannot keep layer 2 as layer 1")
+    diff = tmp_path / "diffllama"  # each layer's lambda_init follows its layer index, which a cut would change
+    DiffLlamaForCausalLM(DiffLlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=3, vocab_size=300,
+                                         bos_token_id=1, eos_token_id=2)).save_pretrained(diff)
+    tiny_tokenizer().save_pretrained(diff)
+    _assert_clean_failure(capsys, _prune(diff, out, "--layers", "1"), out, "cannot keep layer 2 as layer 1")
 
 
 def test_empty_calibration_and_output_over_source(tiny_model_dir, tmp_path, capsys):
