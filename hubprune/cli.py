@@ -253,16 +253,20 @@ def cmd_eval(args) -> int:
                 f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
                 "score; use --continuations (greedy continuations of held-out prose) instead"
             )
-    results["pruned" if record else "model"] = evaluate_model(
-        model,
-        tokenizer,
-        tasks,
-        limit=args.limit,
-        sample=args.sample,
-        progress=not args.quiet,
-        backend=args.backend,
-        data=task_data,
-    )
+
+    def score(model, tokenizer):  # the pruned model and its original on the same tasks, the same way
+        return evaluate_model(
+            model,
+            tokenizer,
+            tasks,
+            limit=args.limit,
+            sample=args.sample,
+            progress=not args.quiet,
+            backend=args.backend,
+            data=task_data,
+        )
+
+    results["pruned" if record else "model"] = score(model, tokenizer)
     if not chat:
         del model
     base = None
@@ -271,16 +275,7 @@ def cmd_eval(args) -> int:
         base, base_tokenizer, _ = load_model(
             record.base_model, revision=revision, dtype=args.dtype, device=args.device
         )
-        results["original"] = evaluate_model(
-            base,
-            base_tokenizer,
-            tasks,
-            limit=args.limit,
-            sample=args.sample,
-            progress=not args.quiet,
-            backend=args.backend,
-            data=task_data,
-        )
+        results["original"] = score(base, base_tokenizer)
     fidelity = None
     if chat:
         from hubprune.chat import chat_fidelity
