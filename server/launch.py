@@ -226,6 +226,9 @@ def _info(folders: dict[str, str]) -> dict[str, dict]:
             chat = record.evaluation.get("chat") or {}
             if chat.get("top1_agreement") is not None:  # measured by hubprune eval --chat
                 info[name]["chat_agreement"] = chat["top1_agreement"]
+            for key in ("width", "sparsity"):  # what was cut inside the kept layers, if anything
+                if getattr(record, key):
+                    info[name][key] = getattr(record, key)
     return info
 
 

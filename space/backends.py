@@ -66,6 +66,7 @@ class ModelInfo:
     parameters: int | None = None
     memory: str = "n/a"
     chat_agreement: float | None = None  # top-1 agreement with the original's answers (hubprune eval --chat)
+    reshaped: str | None = None  # what else was cut beside layers: MLP width, sparsity (``reshaped_text``)
 
 
 class TextStream:
@@ -137,6 +138,7 @@ class InProcessBackend(Backend):
             parameters=self.parameters,
             memory=self._memory(),
             chat_agreement=self._facts.get("chat_agreement"),
+            reshaped=self._facts.get("reshaped"),
         )
 
     def _memory(self) -> str:
@@ -364,6 +366,7 @@ class OpenAIBackend(Backend):
             parameters=facts.get("parameters"),
             memory=self._memory(facts),
             chat_agreement=facts.get("chat_agreement"),
+            reshaped=facts.get("reshaped"),
         )
 
     def _static_facts(self) -> dict:
@@ -373,7 +376,12 @@ class OpenAIBackend(Backend):
             for entry in (served or {}).get("data", []):
                 extra = entry.get("hubprune") if entry.get("id") == self.model else None
                 if isinstance(extra, dict):  # facts the server adds beside the OpenAI fields, if any
-                    extra = {"layers": extra.get("num_layers"), "base_layers": extra.get("base_num_layers"), **extra}
+                    extra = {
+                        "layers": extra.get("num_layers"),
+                        "base_layers": extra.get("base_num_layers"),
+                        "reshaped": reshaped_text(extra),
+                        **extra,
+                    }
                     for key in (
                         "layers",
                         "base_layers",
@@ -381,6 +389,7 @@ class OpenAIBackend(Backend):
                         "base_model",
                         "parameters",
                         "chat_agreement",
+                        "reshaped",
                     ):
                         if extra.get(key) is not None:
                             facts.setdefault(key, extra[key])
@@ -523,7 +532,27 @@ def record_facts(record: dict) -> dict:
     chat = (record.get("evaluation") or {}).get("chat") or {}
     if chat.get("top1_agreement") is not None:
         facts["chat_agreement"] = chat["top1_agreement"]
+    if reshaped := reshaped_text(record):
+        facts["reshaped"] = reshaped
     return facts
+
+
+def reshaped_text(record: dict) -> str | None:
+    """What a record says was cut beside whole layers, in a few words; None if nothing.
+
+    Example: ``reshaped_text({"width": {"intermediate_size_before": 1536, "intermediate_size_after": 1152},
+    "sparsity": {"target": "2:4", "method": "wanda"}})`` -> ``"MLP width 1536 → 1152 · 2:4 sparse (wanda)"``
+    """
+    parts = []
+    width = record.get("width") or {}
+    if width.get("intermediate_size_after"):
+        parts.append(f"MLP width {width['intermediate_size_before']} → {width['intermediate_size_after']}")
+    sparsity = record.get("sparsity") or {}
+    if sparsity.get("target"):
+        target = str(sparsity["target"])
+        shown = target if ":" in target else f"{float(target):.0%}"
+        parts.append(f"{shown} sparse ({sparsity.get('method', 'n/a')})")
+    return " · ".join(parts) or None
 
 
 def _model_facts(source: str, origin) -> dict:

@@ -130,7 +130,16 @@ def layer_map_html(info: dict | None, *, hidden: bool = False) -> str:
             f'<div class="layer {"removed" if gone else "kept"}" data-layer="{i}" '
             f'title="layer {i}: {"removed" if gone else "kept"}" style="{style}">{i}</div>'
         )
-    summary = f"removed {describe_layers(sorted(removed))} of {base}" if removed else f"all {base} layers (original)"
+    reshaped = (info or {}).get("reshaped")
+    summary = (
+        f"removed {describe_layers(sorted(removed))} of {base}"
+        if removed
+        else f"all {base} layers kept"
+        if reshaped
+        else f"all {base} layers (original)"
+    )
+    if reshaped:  # MLP width or sparsity, cut inside the kept layers
+        summary += f" · {reshaped}"
     return (
         f'<div class="hubprune-layermap" data-removed="{",".join(map(str, sorted(removed)))}">'
         f'<div style="display:flex;gap:2px">{"".join(cells)}</div>'

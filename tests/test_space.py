@@ -176,6 +176,8 @@ def test_layer_map_marks_the_removed_layers():
     assert removed_in(html) == [13, 14, 15, 16, 17, 18]
     assert "removed layers 13-18 of 30" in html
     assert "all 30 layers" in layer_map_html({"base_layers": 30, "removed_layers": []})
+    narrowed = layer_map_html({"base_layers": 30, "removed_layers": [], "reshaped": "MLP width 1536 → 1152"})
+    assert "all 30 layers kept · MLP width 1536 → 1152" in narrowed and "original" not in narrowed
     assert "n/a" in layer_map_html({"base_layers": None}) and "hidden" in layer_map_html({}, hidden=True)
 
 

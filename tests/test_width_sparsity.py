@@ -228,6 +228,16 @@ def test_cli_end_to_end_prune_then_heal(tiny_model_dir, tmp_path, capsys):
     assert "MLP width 64 -> 32" in printed and "2:4 sparsity (wanda, 50.0% of decoder weights zero)" in printed
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 5 and model.config.intermediate_size == 32
+    # The compare app and the server say it, beside the layer map.
+    from hubprune.server.launch import _info
+    from hubprune.space.backends import InProcessBackend, reshaped_text
+    from hubprune.space.figures import layer_map_html
+
+    info = InProcessBackend(out, name="pruned", device="cpu").info()
+    assert info.reshaped == "MLP width 64 → 32 · 2:4 sparse (wanda)"
+    assert "removed layer" in layer_map_html(vars(info)) and "2:4 sparse (wanda)" in layer_map_html(vars(info))
+    served = _info({"pruned": str(out)})["pruned"]
+    assert reshaped_text(served) == info.reshaped
     masks = masks_from_zeros(model)
     assert all((~m).sum() * 2 == m.numel() for m in masks.values())
 
