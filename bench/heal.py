@@ -24,9 +24,9 @@ from _common import PeakMemory  # noqa: E402
 
 from hubprune import LayerPruner  # noqa: E402
 from hubprune.config import HealConfig  # noqa: E402
-from hubprune.families import family_of  # noqa: E402
+from hubprune.architecture.families import family_of  # noqa: E402
 from hubprune.heal import _batch, _healing_windows, heal_model  # noqa: E402
-from hubprune.surgery import copy_sharing_weights  # noqa: E402
+from hubprune.architecture.surgery import copy_sharing_weights  # noqa: E402
 
 
 def plain_peft(model, windows, config: HealConfig) -> float:

@@ -96,7 +96,7 @@ def run_child(mode: str, folder: Path) -> dict:
 
 def plain_copy(folder: Path, target: Path, removed: set[int]) -> None:
     """Copy the bytes of every kept tensor into one file (kernel copy where possible): the floor."""
-    from hubprune.filesurgery import copy_range, read_header, shard_files
+    from hubprune.architecture.filesurgery import copy_range, read_header, shard_files
 
     with target.open("wb") as out:
         for shard in shard_files(folder):
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from hubprune.filesurgery import cut_checkpoint
+    from hubprune.architecture.filesurgery import cut_checkpoint
     from hubprune.streamscan import checkpoint_bytes
 
     work = Path(args.workdir)

@@ -352,7 +352,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from hubprune.filesurgery import cut_checkpoint
+    from hubprune.architecture.filesurgery import cut_checkpoint
 
     out = cut_checkpoint(
         args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet

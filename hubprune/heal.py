@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import family_of
 from hubprune.calibration import TokenWindows, calibration_windows, check_disjoint
 from hubprune.config import HealConfig
-from hubprune.families import family_of
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from hubprune.architecture.families import decoder_layers
+from hubprune.architecture.surgery import check_layers, copy_sharing_weights, drop_layers
 from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe, replayable
-from hubprune.families import decoder_layers
 from hubprune.io import atomic_output
 from hubprune.loading import (
     DEFAULT_MODEL,
@@ -33,7 +34,6 @@ from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
 from hubprune.scan import ScanResult, loss_scan, scan_model
 from hubprune.sparsity import sparsify
 from hubprune.streamscan import fits_in_memory
-from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
 from hubprune.width import check_narrowable, narrow_mlp
 
 logger = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class LayerPruner:
                 "chosen": [values[i] for i in removed] if metric == "block_influence" else values[removed[0]],
             }
         if self.streaming:
-            from hubprune.filesurgery import count_checkpoint_parameters
+            from hubprune.architecture.filesurgery import count_checkpoint_parameters
 
             before, after = count_checkpoint_parameters(self._folder, removed)
             config_updates = ["num_hidden_layers"]
@@ -424,7 +424,7 @@ class PrunedModel:
             write_card(tmp, repo_id=Path(out).name)
 
         if self.model is None:
-            from hubprune.filesurgery import cut_checkpoint
+            from hubprune.architecture.filesurgery import cut_checkpoint
 
             if self.source_folder is None:
                 raise ValueError("a model pruned at file level is saved from its source folder, and none was given")
@@ -497,7 +497,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     if p.mlp_width is not None:  # from the config alone (a meta-device skeleton): refused before loading
         from transformers import AutoConfig
 
-        from hubprune.families import skeleton
+        from hubprune.architecture.families import skeleton
 
         config = AutoConfig.from_pretrained(
             folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers, final_hidden_hook
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, final_hidden_hook
 
 logger = logging.getLogger(__name__)
 
@@ -269,8 +269,8 @@ def scan_model(
 @torch.no_grad()
 def loss_scan(model, windows: TokenWindows, n: int, *, batch_size: int = 4, progress: bool = True) -> list[float]:
     """Calibration perplexity with each block [l, l+n) removed, for l = 0..L-n (L-n+1 passes)."""
+    from hubprune.architecture.surgery import drop_layers
     from hubprune.evaluate import perplexity
-    from hubprune.surgery import drop_layers
 
     L = len(decoder_layers(model))
     if not 1 <= n < L:

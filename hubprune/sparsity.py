@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers, family_of, get_module
 from hubprune.calibration import TokenWindows
 from hubprune.config import SPARSITY_METHODS, Sparsity, parse_sparsity
-from hubprune.families import decoder_layers, family_of, get_module
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers, family_of, final_hidden_hook
+from hubprune.architecture.filesurgery import read_header, shard_files
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, family_of, final_hidden_hook
-from hubprune.filesurgery import read_header, shard_files
 from hubprune.scan import PairStats, ScanResult
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import checkpoint_tensors as _tensors
 from conftest import folder_digest, tiny_gpt2, tiny_llama
-from hubprune.filesurgery import INDEX_FILE, shard_files
+from hubprune.architecture.filesurgery import INDEX_FILE, shard_files
 from hubprune.merge import merge_adapter_into_checkpoint
 
 

@@ -7,7 +7,7 @@ import torch
 
 from hubprune.calibration import default_corpus, token_windows
 from hubprune.evaluate import perplexity
-from hubprune.surgery import drop_layers
+from hubprune.architecture.surgery import drop_layers
 
 pytestmark = pytest.mark.slow
 

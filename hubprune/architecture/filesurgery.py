@@ -22,13 +22,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import NOT_TEXT, family_of, layer_count
+from hubprune.architecture.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
+from hubprune.architecture.surgery import (
+    check_kept_layers,
+    check_layers,
+    refuse_index_dependent_layers,
+    slice_config,
+    slice_copy,
+)
 from hubprune.card import write_card
 from hubprune.config import PruneConfig, Recipe
-from hubprune.families import NOT_TEXT, family_of, layer_count
 from hubprune.io import atomic_output
-from hubprune.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
 from hubprune.record import RECIPE_FILE, PruneRecord
-from hubprune.surgery import check_kept_layers, check_layers, refuse_index_dependent_layers, slice_config, slice_copy
 
 logger = logging.getLogger(__name__)
 
