@@ -32,11 +32,11 @@ windows = TokenWindows(torch.randint(10, 30000, (8, 128)), ["synthetic"], "rando
 started = time.perf_counter()
 if mode == "full":
     from transformers import AutoModelForCausalLM
-    from hubprune.scan import scan_model
+    from hubprune.methods.scan import scan_model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     result = scan_model(model, windows, batch_size=8, progress=False)
 else:
-    from hubprune.streamscan import streamed_scan
+    from hubprune.methods.streamscan import streamed_scan
     result = streamed_scan(folder, windows, dtype=torch.float32, progress=False)
 def peak_mib():
     # VmHWM is this program's own peak (reset by exec); ru_maxrss also keeps the forking parent's RSS at fork time.
@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from hubprune.architecture.filesurgery import cut_checkpoint
-    from hubprune.streamscan import checkpoint_bytes
+    from hubprune.methods.streamscan import checkpoint_bytes
 
     work = Path(args.workdir)
     source = work / "synthetic-llama"

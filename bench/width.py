@@ -33,7 +33,7 @@ import torch
 
 from frontier import TASKS, decode_speed, load
 from hubprune.evaluate import evaluate_model, heldout_texts
-from hubprune.sparsity import target_modules
+from hubprune.methods.sparsity import target_modules
 from hubprune.tasks import EvalResult
 
 ROWS = ("depth", "width", "depth+width", "wanda-equal", "wanda-50", "wanda-2:4")

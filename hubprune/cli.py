@@ -317,8 +317,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from hubprune.methods.sweep import sweep
     from hubprune.pruner import LayerPruner
-    from hubprune.sweep import sweep
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

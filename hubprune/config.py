@@ -11,8 +11,8 @@ A recipe looks like this (every key but ``model`` and one of ``prune``'s is opti
     prune:
       n_layers: 6           # or fraction: 0.2, or layers: [12, 13, 14]
       metric: angular_last
-      mlp_width: 0.8        # optional: keep 80 % of every MLP's neurons (hubprune.width)
-      sparsity: "2:4"       # optional: or 0.5; zeroed by sparsity_method (hubprune.sparsity)
+      mlp_width: 0.8        # optional: keep 80 % of every MLP's neurons (hubprune.methods.width)
+      sparsity: "2:4"       # optional: or 0.5; zeroed by sparsity_method (hubprune.methods.sparsity)
     output: out/smollm2-24l
 
 Unknown keys are refused with the list of known ones; values are checked on construction.
@@ -39,7 +39,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # The sparsity target of PruneConfig, parsed here so that the config checks itself (the weights are
-# zeroed by hubprune.sparsity).
+# zeroed by hubprune.methods.sparsity).
 SPARSITY_METHODS = ("magnitude", "wanda")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -135,9 +135,9 @@ class PruneConfig:
     zero-shot tasks, or chat top-1 agreement with the original's answers -- within that
     fraction of the original's, found by measuring).
 
-    ``mlp_width`` (in (0, 1)) keeps that share of every MLP's neurons (``hubprune.width``);
+    ``mlp_width`` (in (0, 1)) keeps that share of every MLP's neurons (``hubprune.methods.width``);
     ``sparsity`` (a fraction in (0, 1), or ``"N:M"`` such as ``"2:4"``) zeroes weights of the
-    decoder projections, scored by ``sparsity_method`` (``hubprune.sparsity``). Both apply
+    decoder projections, scored by ``sparsity_method`` (``hubprune.methods.sparsity``). Both apply
     after layers are dropped; with either, no layer option is needed.
 
     Example: ``PruneConfig(n_layers=6, metric="angular_last")``, ``PruneConfig(sparsity="2:4")``

@@ -200,7 +200,7 @@ def heal_model(
         _own_base_weights(peft_model)
     healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
     if masks and not loaded_4bit:  # the LoRA delta is dense: zero it where the pruned weights are zero
-        from hubprune.sparsity import apply_masks
+        from hubprune.methods.sparsity import apply_masks
 
         apply_masks(healed, masks)
     healed.config.use_cache = True  # type: ignore[union-attr]  # a transformers model

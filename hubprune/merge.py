@@ -67,7 +67,7 @@ def merge_adapter_into_checkpoint(
         )
     state, config = _load_adapter(adapter, lora_config)
     plan = _plan(folder, state, config)  # shard -> {tensor name: (B, A) factors}, every target checked
-    # A sparse checkpoint (hubprune.sparsity) keeps its zeros: the dense delta is masked by them.
+    # A sparse checkpoint (hubprune.methods.sparsity) keeps its zeros: the dense delta is masked by them.
     keep_zeros = (folder / RECORD_FILE).is_file() and bool(PruneRecord.load(folder).sparsity)
     sizes = {shard: (folder / shard).stat().st_size for shard in plan}
 

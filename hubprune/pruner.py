@@ -30,11 +30,11 @@ from hubprune.loading import (
     resolve_device,
     resolve_dtype,
 )
+from hubprune.methods.scan import ScanResult, loss_scan, scan_model
+from hubprune.methods.sparsity import sparsify
+from hubprune.methods.streamscan import fits_in_memory
+from hubprune.methods.width import check_narrowable, narrow_mlp
 from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
-from hubprune.scan import ScanResult, loss_scan, scan_model
-from hubprune.sparsity import sparsify
-from hubprune.streamscan import fits_in_memory
-from hubprune.width import check_narrowable, narrow_mlp
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class LayerPruner:
                     "the perplexity criterion needs the model in memory; use streaming=False, "
                     "or an angular or block_influence metric"
                 )
-            from hubprune.streamscan import streamed_scan
+            from hubprune.methods.streamscan import streamed_scan
 
             dtype = resolve_dtype(self.load_options.get("dtype", "float32"))
             result = streamed_scan(
@@ -383,7 +383,7 @@ class PrunedModel:
         teacher = teacher if teacher is not None else self.base
         masks = None
         if self.record.sparsity:  # the zero weights stay zero: re-applied after the LoRA merge
-            from hubprune.sparsity import masks_from_zeros
+            from hubprune.methods.sparsity import masks_from_zeros
 
             masks = masks_from_zeros(self.model)
         student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
@@ -512,7 +512,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     elif reshapes:
         pruner.calibrate(recipe.calibration)
     if p.max_quality_loss is not None:
-        from hubprune.sweep import largest_drop_within
+        from hubprune.methods.sweep import largest_drop_within
 
         n, points = largest_drop_within(pruner, p.max_quality_loss, p.metric, quality=p.quality, progress=progress)
         budget = {

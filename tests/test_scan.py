@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama
 from hubprune.calibration import TokenWindows
-from hubprune.scan import ScanResult, describe_layers, loss_scan, scan_model
+from hubprune.methods.scan import ScanResult, describe_layers, loss_scan, scan_model
 
 
 def _direct_states(model, ids):

@@ -13,7 +13,7 @@ from conftest import folder_digest, tiny_gpt2, tiny_llama
 from hubprune import LayerPruner, PrunedModel
 from hubprune.cli import main
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, parse_sparsity
-from hubprune.sparsity import masks_from_zeros, target_modules
+from hubprune.methods.sparsity import masks_from_zeros, target_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--n-samples", "2", "--seq-len", "16", "-q"]
