@@ -158,7 +158,7 @@ def cmd_heal(args) -> int:
     checkpoints = checkpoint_dir_for(args.out)
     from accelerate import PartialState
 
-    from hubprune.evaluate import heldout_texts
+    from hubprune.eval.perplexity import heldout_texts
 
     heldout = heldout_texts()
     if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
@@ -213,17 +213,17 @@ def cmd_eval(args) -> int:
     from accelerate import PartialState
 
     from hubprune.card import readme_was_edited, write_card
-    from hubprune.evaluate import evaluate_model
+    from hubprune.eval.evaluate import evaluate_model
+    from hubprune.eval.tasks import TASKS
     from hubprune.loading import load_model
     from hubprune.record import RECORD_FILE, PruneRecord
-    from hubprune.tasks import TASKS
 
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
     task_data = None
     if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
-        from hubprune.harness import load_tasks, parse_data
+        from hubprune.eval.harness import load_tasks, parse_data
 
         task_data = parse_data(args.data)
         load_tasks(tasks, task_data)
@@ -246,7 +246,7 @@ def cmd_eval(args) -> int:
     results = {}
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.chat:
-        from hubprune.chat import has_chat_template
+        from hubprune.generation import has_chat_template
 
         if not has_chat_template(tokenizer):
             raise ValueError(
@@ -278,7 +278,7 @@ def cmd_eval(args) -> int:
         results["original"] = score(base, base_tokenizer)
     fidelity = None
     if chat:
-        from hubprune.chat import chat_fidelity
+        from hubprune.eval.chat import chat_fidelity
 
         fidelity = chat_fidelity(
             model,

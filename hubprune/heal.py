@@ -369,7 +369,7 @@ def _healing_windows(
 
 def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | None) -> tuple[str, str]:
     """What healing reads, "chat" or "prose", and why (``HealConfig.text``)."""
-    from hubprune.chat import has_chat_template
+    from hubprune.generation import has_chat_template
 
     given = data is not None or any(getattr(config.data, k) is not None for k in ("texts", "files", "dataset"))
     if config.text == "prose":

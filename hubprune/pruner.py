@@ -536,7 +536,7 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         )
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
-        from hubprune.evaluate import heldout_texts
+        from hubprune.eval.perplexity import heldout_texts
 
         pruned = pruned.heal(
             recipe.heal,

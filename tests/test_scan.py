@@ -68,7 +68,7 @@ def test_choose_picks_lowest_block_and_lowest_bi(model_and_windows):
 
 
 def test_loss_scan_equals_perplexity_of_each_pruned_copy(model_and_windows):
-    from hubprune.evaluate import perplexity
+    from hubprune.eval.perplexity import perplexity
     from hubprune.architecture.surgery import drop_layers
 
     model, windows = model_and_windows

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hubprune.calibration import default_corpus, token_windows
-from hubprune.evaluate import perplexity
+from hubprune.eval.perplexity import perplexity
 from hubprune.architecture.surgery import drop_layers
 
 pytestmark = pytest.mark.slow

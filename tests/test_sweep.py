@@ -9,7 +9,7 @@ import pytest
 
 from hubprune import LayerPruner
 from hubprune.config import HealConfig
-from hubprune.evaluate import heldout_windows, perplexity
+from hubprune.eval.perplexity import heldout_windows, perplexity
 from hubprune.methods.sweep import largest_drop_within, sweep
 
 

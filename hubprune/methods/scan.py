@@ -270,7 +270,7 @@ def scan_model(
 def loss_scan(model, windows: TokenWindows, n: int, *, batch_size: int = 4, progress: bool = True) -> list[float]:
     """Calibration perplexity with each block [l, l+n) removed, for l = 0..L-n (L-n+1 passes)."""
     from hubprune.architecture.surgery import drop_layers
-    from hubprune.evaluate import perplexity
+    from hubprune.eval.perplexity import perplexity
 
     L = len(decoder_layers(model))
     if not 1 <= n < L:
