@@ -162,7 +162,7 @@ def cmd_heal(args) -> int:
 
     heldout = heldout_texts()
     if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
-        from hubprune.qlora import heal_checkpoint
+        from hubprune.heal.qlora import heal_checkpoint
 
         _, report = heal_checkpoint(
             args.folder,

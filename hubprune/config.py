@@ -322,7 +322,7 @@ class HealConfig:
     chat for a model whose tokenizer has a chat template, when the original is at hand and no
     healing text was given; prose otherwise.
 
-    ``refit`` (on by default) first repairs each gap in closed form (``hubprune.refit``):
+    ``refit`` (on by default) first repairs each gap in closed form (``hubprune.heal.refit``):
     the MLP output projection of the last kept layer before the gap is refit by ridge least
     squares, on ``refit_tokens`` tokens of the healing text, so that the layer's output
     approximates the original's residual stream after the removed block. It needs the

@@ -372,7 +372,7 @@ class PrunedModel:
         ``options`` override fields of ``config`` (``steps=300, distill=0.5``, ...). This
         object is left unhealed. Example: ``healed = pruned.heal(steps=300, distill=0.5)``
         """
-        from hubprune.heal import heal_model
+        from hubprune.heal.lora import heal_model
 
         if self.model is None:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Chat fidelity (hubprune.eval.chat) and chat healing (hubprune.chat), both over hubprune.generation: tiny
+"""Chat fidelity (hubprune.eval.chat) and chat healing (hubprune.heal.data), both over hubprune.generation: tiny
 models with a chat template, and the real SmolLM2."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from hubprune.chat import chat_windows, magpie_prompts, self_chat, student_chat, user_prefix
+from hubprune.heal.data import chat_windows, magpie_prompts, self_chat, student_chat, user_prefix
 from hubprune.eval.chat import chat_fidelity, eval_prompts, loops, reference_answers
 from hubprune.generation import generate, model_fingerprint, render
 from hubprune.config import ChatDataConfig, HealConfig
@@ -126,7 +126,7 @@ def test_self_chat_is_cached_and_a_rerun_reuses_it(chat_tokenizer, cache, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("a cached set must not be generated again")
 
-    monkeypatch.setattr("hubprune.chat.generate", refuse)
+    monkeypatch.setattr("hubprune.heal.data.generate", refuse)
     assert self_chat(model, chat_tokenizer, config, count=6, progress=False) == first
 
 
@@ -141,7 +141,8 @@ def test_prompts_that_overlap_the_evaluation_prompts_are_refused(chat_tokenizer,
 
 
 def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, cache, tmp_path):
-    from hubprune.heal import heal_model, healing_text
+    from hubprune.heal.lora import heal_model
+    from hubprune.heal.data import healing_text
 
     original = tiny_llama(num_layers=6, seed=4)
     student = tiny_llama(num_layers=6, seed=4)
@@ -164,7 +165,7 @@ def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, c
 
 
 def test_chat_healing_refusals(chat_tokenizer, tmp_path):
-    from hubprune.heal import healing_text
+    from hubprune.heal.data import healing_text
 
     original = tiny_llama()
     with pytest.raises(ValueError, match="heal.text prose"):
@@ -184,7 +185,7 @@ def test_chat_healing_refusals(chat_tokenizer, tmp_path):
 
 
 def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
-    from hubprune.heal import _loss
+    from hubprune.heal.lora import healing_loss
 
     model, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
     batch = torch.randint(3, 300, (2, 16))
@@ -192,16 +193,16 @@ def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
     learn[:, 10:] = True
     logits = model(input_ids=batch).logits
     expected = torch.nn.functional.cross_entropy(logits[:, 9:15].flatten(0, 1), batch[:, 10:].flatten())
-    lm = _loss(model, teacher, batch, HealConfig(distill=0.0), learn)
+    lm = healing_loss(model, teacher, batch, HealConfig(distill=0.0), learn)
     assert torch.allclose(lm, expected, atol=1e-5)
-    everything = _loss(model, teacher, batch, HealConfig(distill=0.0), None)
+    everything = healing_loss(model, teacher, batch, HealConfig(distill=0.0), None)
     assert torch.allclose(everything, torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
                                                                          batch[:, 1:].flatten()), atol=1e-5)
     target = teacher(input_ids=batch).logits
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)[:, 9:15].mean()
-    assert torch.allclose(_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
-    nothing = _loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
+    assert torch.allclose(healing_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
+    nothing = healing_loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
     assert nothing.item() == 0.0
 
 
@@ -230,7 +231,7 @@ def test_smollm2_writes_its_own_questions_and_answers_itself_faithfully(smollm2,
 
 
 def test_student_answers_add_the_pruned_models_own_greedy_answers(chat_tokenizer, cache, tmp_path):
-    from hubprune.heal import heal_model
+    from hubprune.heal.lora import heal_model
 
     original, student = tiny_llama(num_layers=6, seed=4), tiny_llama(num_layers=6, seed=5)
     chat_config = ChatDataConfig(prompts=str(prompt_file(tmp_path)), conversations=8, max_new_tokens=12,

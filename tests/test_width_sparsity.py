@@ -115,7 +115,7 @@ def test_the_file_level_merge_keeps_a_sparse_checkpoints_zeros(tiny_model_dir, t
     from conftest import checkpoint_tensors
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from hubprune.merge import merge_adapter_into_checkpoint
+    from hubprune.heal.merge import merge_adapter_into_checkpoint
 
     pruned = _pruner(tiny_model_dir).prune(sparsity=0.5, sparsity_method="magnitude", progress=False)
     folder = pruned.save_pretrained(tmp_path / "sparse")

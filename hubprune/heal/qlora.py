@@ -1,7 +1,7 @@
 """QLoRA healing of a pruned folder that never holds the model in full precision.
 
 The pruned checkpoint is loaded straight into 4-bit NF4 (bf16 compute, double
-quantization) on one device, LoRA adapters are trained on it as in ``heal.heal_model``,
+quantization) on one device, LoRA adapters are trained on it as in ``lora.heal_model``,
 and the adapter is merged into the folder's full-precision safetensors shards at file
 level (``merge.merge_adapter_into_checkpoint``), one tensor at a time. Memory: the 4-bit
 model, the adapter and the activations on the device; the merge needs one block of rows
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from hubprune.config import HealConfig
-from hubprune.fourbit import load_4bit
-from hubprune.heal import HealReport, heal_model, require_qlora
+from hubprune.heal.fourbit import load_4bit, require_qlora
+from hubprune.heal.lora import HealReport, heal_model
 from hubprune.io import check_output
 from hubprune.record import RECIPE_FILE, RECORD_FILE, PruneRecord
 
@@ -56,8 +56,8 @@ def heal_checkpoint(
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
+    from hubprune.heal.merge import merge_adapter_into_checkpoint
     from hubprune.loading import resolve_device
-    from hubprune.merge import merge_adapter_into_checkpoint
 
     folder = Path(folder)
     if config.method != "qlora":

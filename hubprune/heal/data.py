@@ -1,11 +1,16 @@
-"""Chat healing data: conversations the original writes itself.
+"""What healing reads: prose windows, or conversations the original writes itself, and in which order.
 
+- ``healing_text``: chat or prose (``HealConfig.text``), and why.
+- ``healing_windows``: the token windows for the whole run: prose from the calibration sources'
+  train split (``hubprune.calibration``), or chat conversations (optionally mixed with prose).
 - ``self_chat``: the original writes the questions itself, Magpie-style (it is given only its
   template's user-turn prefix and samples the question), then samples the answers through the
   template. The set is cached under ``cache_dir()/chat-data``, keyed by the model's weights and
-  the settings, so a rerun reuses it.
+  the settings, so a rerun reuses it. Questions that match a held-out evaluation prompt
+  (``hubprune.eval.chat.eval_prompts``) are dropped; given prompts that do are refused.
 - ``chat_windows``: those conversations as token windows with a mask on the answer tokens, the
-  only tokens healing learns (``hubprune.heal``).
+  only tokens healing learns.
+- ``micro_batch``: which windows a training step reads (a seeded permutation per epoch: resumable).
 """
 
 from __future__ import annotations
@@ -15,18 +20,134 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from hubprune.calibration import TokenWindows, bos_id, check_disjoint
-from hubprune.config import ChatDataConfig
+from hubprune.calibration import TokenWindows, bos_id, calibration_windows, check_disjoint
+from hubprune.config import ChatDataConfig, HealConfig
 from hubprune.eval.chat import eval_prompts
 from hubprune.generation import cache_file, generate, has_chat_template, model_fingerprint, render, write_cache
 
 logger = logging.getLogger(__name__)
+
+
+def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | None) -> tuple[str, str]:
+    """What healing reads, "chat" or "prose", and why (``HealConfig.text``)."""
+    given = data is not None or any(getattr(config.data, k) is not None for k in ("texts", "files", "dataset"))
+    if config.text == "prose":
+        return "prose", "heal.text is prose"
+    problem = (
+        "the tokenizer has no chat template"
+        if not has_chat_template(tokenizer)
+        else "the original model is not at hand to write the conversations"
+        if teacher is None
+        else None
+    )
+    if config.text == "chat":
+        if problem:
+            raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
+        if given and not config.mix:
+            raise ValueError(
+                "heal.text chat writes its own conversations, but healing text was given too; "
+                "give heal.text prose to heal on that text alone, or heal.mix > 0 to mix it into "
+                "the conversations"
+            )
+        return "chat", "heal.text is chat"
+    if given:
+        return "prose", "healing text was given"
+    if problem:
+        return "prose", problem
+    return "chat", "the model has a chat template (heal.text auto)"
+
+
+def healing_windows(
+    tokenizer,
+    config: HealConfig,
+    data: Any,
+    world: int,
+    teacher: nn.Module | None,
+    progress: bool,
+    student: nn.Module | None = None,
+) -> TokenWindows:
+    """The windows a healing run of ``config.steps`` steps on ``world`` processes reads (``healing_text``
+    says chat or prose): prose from ``data`` or ``config.data`` (train split), and/or conversations the
+    original (``teacher``) writes, with the pruned model's (``student``) own answers where asked."""
+    needed = config.steps * config.batch_size * config.grad_accum * world
+    if config.refit:
+        needed = max(needed, refit_window_count(config))
+    kind, reason = healing_text(config, tokenizer, data, teacher)
+    logger.info("healing on %s text: %s", kind, reason)
+    prose_count = needed if kind == "prose" else round(config.mix * needed)
+    prose: TokenWindows | None = None
+    if prose_count:
+        sizes = replace(config.data, n_samples=prose_count, seq_len=config.seq_len)
+        prose = calibration_windows(tokenizer, data, sizes, corpus_split="train")
+    if kind == "prose":
+        if prose is None:
+            raise ValueError(f"healing for {config.steps} steps reads no text")
+        windows = prose
+    else:
+        conversations = self_chat(
+            teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed, progress=progress
+        )
+        if config.chat.student_answers and student is not None:
+            own = student_chat(
+                student, tokenizer, conversations[: config.chat.student_answers], config.chat, progress=progress
+            )
+            conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own) :]
+        windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
+        if prose is not None:  # prose learns every token
+            windows = TokenWindows(
+                torch.cat([windows.ids, prose.ids]),
+                windows.texts + prose.texts,
+                f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
+                torch.cat([_loss_mask(windows), torch.ones_like(prose.ids, dtype=torch.bool)]),
+            )
+    if len(windows.ids) < needed:
+        logger.info(
+            "healing text fills %d windows; %d steps read it %.1f times",
+            len(windows.ids),
+            config.steps,
+            needed / len(windows.ids),
+        )
+    return windows
+
+
+def refit_window_count(config: HealConfig) -> int:
+    """How many windows the refit reads: the first ``refit_tokens`` of the healing text, in whole windows."""
+    return -(-config.refit_tokens // config.seq_len)
+
+
+def _loss_mask(windows: TokenWindows) -> torch.Tensor:
+    """The windows' loss mask; every token where they have none."""
+    if windows.loss_mask is None:
+        return torch.ones_like(windows.ids, dtype=torch.bool)
+    return windows.loss_mask
+
+
+def micro_batch(
+    windows: TokenWindows, index: int, config: HealConfig, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(token ids, loss mask or None) of this process's share of global micro-batch ``index``.
+
+    Micro-batch ``index`` is windows [index*B*world, (index+1)*B*world) of a seeded permutation per
+    epoch; process ``rank`` takes its B of them. A pure function of ``index``, so a resumed run reads
+    what the interrupted one would have read.
+    """
+    n, size = len(windows.ids), config.batch_size * world
+    positions = [index * size + rank * config.batch_size + i for i in range(config.batch_size)]
+    rows = []
+    for position in positions:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
+        rows.append(order[offset])
+    picked = torch.stack(rows)
+    return windows.ids[picked], None if windows.loss_mask is None else windows.loss_mask[picked]
 
 
 def user_prefix(tokenizer) -> str:
