@@ -24,7 +24,22 @@ import sys
 from pathlib import Path
 
 from hubprune._version import __version__
+from hubprune.architecture.filesurgery import cut_checkpoint
+from hubprune.card import readme_was_edited, write_card
 from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
+from hubprune.eval.chat import chat_fidelity
+from hubprune.eval.evaluate import evaluate_model
+from hubprune.eval.harness import load_tasks, parse_data
+from hubprune.eval.perplexity import heldout_texts
+from hubprune.eval.tasks import TASKS
+from hubprune.generation import has_chat_template
+from hubprune.heal.qlora import heal_checkpoint
+from hubprune.hub import push_folder
+from hubprune.io import check_output
+from hubprune.loading import load_model
+from hubprune.methods.sweep import sweep
+from hubprune.pruner import LayerPruner, PrunedModel, checkpoint_dir_for, run_recipe
+from hubprune.record import RECORD_FILE, PruneRecord
 
 logger = logging.getLogger("hubprune")
 
@@ -83,8 +98,6 @@ def _leave_process_group(wait: bool) -> None:
 
 
 def cmd_scan(args) -> int:
-    from hubprune.pruner import LayerPruner
-
     for path in (args.out, args.plot):
         if path and Path(path).exists() and not args.overwrite:
             raise FileExistsError(f"{path} already exists; choose another path or pass --overwrite")
@@ -133,10 +146,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_heal(args) -> int:
-    from hubprune.io import check_output
-    from hubprune.loading import load_model
-    from hubprune.pruner import PrunedModel, checkpoint_dir_for
-
     check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
     config = HealConfig(
         method=args.method,
@@ -158,12 +167,8 @@ def cmd_heal(args) -> int:
     checkpoints = checkpoint_dir_for(args.out)
     from accelerate import PartialState
 
-    from hubprune.eval.perplexity import heldout_texts
-
     heldout = heldout_texts()
     if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
-        from hubprune.heal.qlora import heal_checkpoint
-
         _, report = heal_checkpoint(
             args.folder,
             args.out,
@@ -212,19 +217,11 @@ def cmd_eval(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from hubprune.card import readme_was_edited, write_card
-    from hubprune.eval.evaluate import evaluate_model
-    from hubprune.eval.tasks import TASKS
-    from hubprune.loading import load_model
-    from hubprune.record import RECORD_FILE, PruneRecord
-
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
     task_data = None
     if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
-        from hubprune.eval.harness import load_tasks, parse_data
-
         task_data = parse_data(args.data)
         load_tasks(tasks, task_data)
     elif args.data:
@@ -246,8 +243,6 @@ def cmd_eval(args) -> int:
     results = {}
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.chat:
-        from hubprune.generation import has_chat_template
-
         if not has_chat_template(tokenizer):
             raise ValueError(
                 f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
@@ -278,8 +273,6 @@ def cmd_eval(args) -> int:
         results["original"] = score(base, base_tokenizer)
     fidelity = None
     if chat:
-        from hubprune.eval.chat import chat_fidelity
-
         fidelity = chat_fidelity(
             model,
             base,
@@ -317,9 +310,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from hubprune.methods.sweep import sweep
-    from hubprune.pruner import LayerPruner
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
@@ -352,8 +342,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from hubprune.architecture.filesurgery import cut_checkpoint
-
     out = cut_checkpoint(
         args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet
     )
@@ -362,8 +350,6 @@ def cmd_cut(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from hubprune.hub import push_folder
-
     info = push_folder(
         args.folder,
         args.repo_id,
@@ -377,6 +363,8 @@ def cmd_push(args) -> int:
     return 0
 
 
+# serve, compare and space import hubprune.server and hubprune.space when they run: those need the serve and
+# space extras (fastapi, gradio), which the other commands do without.
 def cmd_serve(args) -> int:
     from hubprune.server.config import from_args
     from hubprune.server.launch import serve
@@ -412,8 +400,6 @@ def cmd_space(args) -> int:
 
 
 def _run(recipe: Recipe, quiet: bool) -> int:
-    from hubprune.pruner import run_recipe
-
     pruned, out = run_recipe(recipe, progress=not quiet)
     r = pruned.record
     if pruned.scan is not None and not quiet and r.removed_layers:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from hubprune._version import __version__
 from hubprune.architecture.families import NOT_TEXT, family_of, layer_count
 from hubprune.architecture.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
 from hubprune.architecture.surgery import (
@@ -232,8 +233,6 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
 
 
 def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int) -> None:
-    from hubprune._version import __version__
-
     before, after = count_checkpoint_parameters(source, removed)
     PruneRecord(
         base_model=str(source.resolve()),

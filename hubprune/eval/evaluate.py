@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from hubprune.eval.harness import evaluate_harness
 from hubprune.eval.perplexity import HELDOUT, heldout_windows, perplexity
 from hubprune.eval.results import EvalResult
 from hubprune.eval.scoring import loglikelihoods, score_docs
@@ -73,8 +74,6 @@ def evaluate_model(
     """
     heldout = {**HELDOUT, **(heldout or {})}
     if backend == "lm-eval":
-        from hubprune.eval.harness import evaluate_harness  # lm-eval is imported only when asked for
-
         result = evaluate_harness(
             model,
             tokenizer,

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hubprune.architecture.filesurgery import copy_range, read_header, shard_files
+from hubprune.card import write_card
 from hubprune.io import atomic_output
 from hubprune.record import RECORD_FILE, PruneRecord
 
@@ -83,8 +84,6 @@ def merge_adapter_into_checkpoint(
             finish(tmp)
         if (folder / RECORD_FILE).is_file():
             from dataclasses import replace
-
-            from hubprune.card import write_card
 
             record = PruneRecord.load(folder)
             replace(record, healing=healing if healing is not None else record.healing).save(tmp)
