@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,15 +29,13 @@ from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConf
 from hubprune.eval.chat import chat_fidelity
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.harness import load_tasks, parse_data
-from hubprune.eval.perplexity import heldout_texts
 from hubprune.eval.tasks import TASKS
 from hubprune.generation import has_chat_template
-from hubprune.heal.qlora import heal_checkpoint
+from hubprune.heal.folder import heal_folder
 from hubprune.hub import push_folder
-from hubprune.io import check_output
 from hubprune.loading import load_model
 from hubprune.methods.sweep import sweep
-from hubprune.pruner import LayerPruner, PrunedModel, checkpoint_dir_for, run_recipe
+from hubprune.pruner import LayerPruner, run_recipe
 from hubprune.record import RECORD_FILE, PruneRecord
 
 logger = logging.getLogger("hubprune")
@@ -146,7 +143,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_heal(args) -> int:
-    check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
     config = HealConfig(
         method=args.method,
         steps=args.steps,
@@ -164,46 +160,17 @@ def cmd_heal(args) -> int:
         mix=args.mix,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
     )
-    checkpoints = checkpoint_dir_for(args.out)
-    from accelerate import PartialState
-
-    heldout = heldout_texts()
-    if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
-        _, report = heal_checkpoint(
-            args.folder,
-            args.out,
-            config,
-            checkpoint_dir=checkpoints,
-            eval_texts=heldout,
-            device=args.device,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-        if not PartialState().is_main_process:
-            return 0
-        h = report.to_dict()
-    else:
-        pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
-        teacher = None
-        if config.distill > 0 or config.refit:  # both read the original
-            r = pruned.record
-            revision = r.base_revision if r.origin.get("kind") == "hub" else None
-            logger.info("loading the original model %s as the teacher", r.base_model)
-            try:
-                teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
-            except (OSError, ValueError) as err:
-                if config.distill > 0:
-                    raise
-                logger.warning("the original %s could not be loaded (%s); healing without refit", r.base_model, err)
-        healed = pruned.heal(
-            config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout, progress=not args.quiet
-        )
-        if not PartialState().is_main_process:  # under accelerate launch, one process writes
-            return 0
-        healed.save_pretrained(args.out, overwrite=args.overwrite)
-        h = healed.record.healing
-    if checkpoints is not None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    h = heal_folder(
+        args.folder,
+        args.out,
+        config,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if h is None:  # under accelerate launch, another process wrote the folder
+        return 0
     print(
         f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
         f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}"
