@@ -27,11 +27,11 @@ import torch
 
 from _common import compared_model
 from hubprune import LayerPruner
-from hubprune.eval.chat import chat_fidelity, reference_answers
-from hubprune.generation import generate
 from hubprune.config import Recipe
+from hubprune.eval.chat import chat_fidelity, reference_answers
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.results import EvalResult
+from hubprune.generation import generate
 
 TASKS = ("arc_easy", "piqa", "hellaswag")
 METHODS = {

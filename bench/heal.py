@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import PeakMemory  # noqa: E402
 
 from hubprune import LayerPruner  # noqa: E402
-from hubprune.config import HealConfig  # noqa: E402
 from hubprune.architecture.families import family_of  # noqa: E402
+from hubprune.architecture.surgery import copy_sharing_weights  # noqa: E402
+from hubprune.config import HealConfig  # noqa: E402
 from hubprune.heal.data import healing_windows, micro_batch  # noqa: E402
 from hubprune.heal.lora import heal_model  # noqa: E402
-from hubprune.architecture.surgery import copy_sharing_weights  # noqa: E402
 
 
 def plain_peft(model, windows, config: HealConfig) -> float:

@@ -19,8 +19,8 @@ import torch
 
 from hubprune import LayerPruner
 from hubprune.architecture.surgery import drop_layers
-from hubprune.eval.tasks import load_task
 from hubprune.eval.scoring import loglikelihoods, mean_stderr, question_scores
+from hubprune.eval.tasks import load_task
 
 
 def parse_layers(text: str) -> list[int]:

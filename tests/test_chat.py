@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from hubprune.heal.data import chat_windows, magpie_prompts, self_chat, student_chat, user_prefix
+from hubprune.config import ChatDataConfig, HealConfig
 from hubprune.eval.chat import chat_fidelity, eval_prompts, loops, reference_answers
 from hubprune.generation import generate, model_fingerprint, render
-from hubprune.config import ChatDataConfig, HealConfig
+from hubprune.heal.data import chat_windows, magpie_prompts, self_chat, student_chat, user_prefix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,8 +141,8 @@ def test_prompts_that_overlap_the_evaluation_prompts_are_refused(chat_tokenizer,
 
 
 def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, cache, tmp_path):
-    from hubprune.heal.lora import heal_model
     from hubprune.heal.data import healing_text
+    from hubprune.heal.lora import heal_model
 
     original = tiny_llama(num_layers=6, seed=4)
     student = tiny_llama(num_layers=6, seed=4)

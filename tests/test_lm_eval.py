@@ -15,8 +15,8 @@ import string
 
 import pytest
 
-from hubprune.eval.tasks import arc_rows, load_task, olmo_rows
 from hubprune.eval.scoring import loglikelihoods, score_docs
+from hubprune.eval.tasks import arc_rows, load_task, olmo_rows
 
 pytestmark = pytest.mark.slow
 N = 50

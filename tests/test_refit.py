@@ -9,8 +9,8 @@ import torch
 from test_families import CONFIGS, build
 
 from hubprune.architecture.families import decoder_layers, family_of, get_module
-from hubprune.heal.refit import can_refit, gaps_of, refit_gaps
 from hubprune.architecture.surgery import drop_layers
+from hubprune.heal.refit import can_refit, gaps_of, refit_gaps
 
 REFITTABLE = [name for name in CONFIGS if family_of(CONFIGS[name]()).mlp_out is not None]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hubprune.architecture.surgery import drop_layers
 from hubprune.calibration import default_corpus, token_windows
 from hubprune.eval.perplexity import perplexity
-from hubprune.architecture.surgery import drop_layers
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from hubprune.eval.tasks import TASKS, load_task
+from hubprune.eval.evaluate import evaluate_tasks
 from hubprune.eval.results import EvalResult
 from hubprune.eval.scoring import encode_pair, loglikelihoods, max_length, question_scores
-from hubprune.eval.evaluate import evaluate_tasks
+from hubprune.eval.tasks import TASKS, load_task
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
