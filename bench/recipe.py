@@ -27,8 +27,8 @@ import torch
 from _common import compared_model
 from hubprune import LayerPruner
 from hubprune.config import Recipe
-from hubprune.evaluate import evaluate_model
-from hubprune.tasks import EvalResult
+from hubprune.eval.evaluate import evaluate_model
+from hubprune.eval.results import EvalResult
 
 TASKS = ("arc_easy", "piqa", "hellaswag")
 ROWS = {

@@ -32,11 +32,11 @@ windows = TokenWindows(torch.randint(10, 30000, (8, 128)), ["synthetic"], "rando
 started = time.perf_counter()
 if mode == "full":
     from transformers import AutoModelForCausalLM
-    from hubprune.scan import scan_model
+    from hubprune.methods.scan import scan_model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     result = scan_model(model, windows, batch_size=8, progress=False)
 else:
-    from hubprune.streamscan import streamed_scan
+    from hubprune.methods.streamscan import streamed_scan
     result = streamed_scan(folder, windows, dtype=torch.float32, progress=False)
 def peak_mib():
     # VmHWM is this program's own peak (reset by exec); ru_maxrss also keeps the forking parent's RSS at fork time.
@@ -96,7 +96,7 @@ def run_child(mode: str, folder: Path) -> dict:
 
 def plain_copy(folder: Path, target: Path, removed: set[int]) -> None:
     """Copy the bytes of every kept tensor into one file (kernel copy where possible): the floor."""
-    from hubprune.filesurgery import copy_range, read_header, shard_files
+    from hubprune.architecture.filesurgery import copy_range, read_header, shard_files
 
     with target.open("wb") as out:
         for shard in shard_files(folder):
@@ -117,8 +117,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from hubprune.filesurgery import cut_checkpoint
-    from hubprune.streamscan import checkpoint_bytes
+    from hubprune.architecture.filesurgery import cut_checkpoint
+    from hubprune.methods.streamscan import checkpoint_bytes
 
     work = Path(args.workdir)
     source = work / "synthetic-llama"

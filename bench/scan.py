@@ -21,7 +21,7 @@ from _common import PeakMemory, median_seconds  # noqa: E402
 from hubprune import LayerPruner  # noqa: E402
 from hubprune.calibration import calibration_windows  # noqa: E402
 from hubprune.config import CalibrationConfig  # noqa: E402
-from hubprune.scan import scan_model  # noqa: E402
+from hubprune.methods.scan import scan_model  # noqa: E402
 
 
 def main() -> None:

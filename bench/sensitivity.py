@@ -4,7 +4,7 @@
 
 Each positional argument is a set of 0-based layers to remove together ("13-18" is 13..18,
 "9,12,19" three layers); ``--singles A-B`` adds every layer from A to B alone. For each set
-the model is cut in memory (``hubprune.surgery.drop_layers``), scored on ``--sample`` evenly
+the model is cut in memory (``hubprune.architecture.surgery.drop_layers``), scored on ``--sample`` evenly
 spaced questions of ``--task`` (acc_norm, harness-style), and printed beside the original:
 its accuracy, the change, and the standard error of that change over the same questions
 (paired). This is an analysis of where a task's accuracy lives, not a way to choose layers:
@@ -18,8 +18,9 @@ import argparse
 import torch
 
 from hubprune import LayerPruner
-from hubprune.surgery import drop_layers
-from hubprune.tasks import load_task, loglikelihoods, mean_stderr, question_scores
+from hubprune.architecture.surgery import drop_layers
+from hubprune.eval.scoring import loglikelihoods, mean_stderr, question_scores
+from hubprune.eval.tasks import load_task
 
 
 def parse_layers(text: str) -> list[int]:

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 
 from frontier import TASKS, decode_speed, load
-from hubprune.evaluate import evaluate_model, heldout_texts
-from hubprune.sparsity import target_modules
-from hubprune.tasks import EvalResult
+from hubprune.eval.evaluate import evaluate_model
+from hubprune.eval.perplexity import heldout_texts
+from hubprune.eval.results import EvalResult
+from hubprune.methods.sparsity import target_modules
 
 ROWS = ("depth", "width", "depth+width", "wanda-equal", "wanda-50", "wanda-2:4")
 

@@ -2,9 +2,9 @@
 
 from hubprune._version import __version__
 from hubprune.config import CalibrationConfig, PruneConfig, Recipe
+from hubprune.methods.scan import ScanResult
 from hubprune.pruner import LayerPruner, PrunedModel
 from hubprune.record import PruneRecord
-from hubprune.scan import ScanResult
 
 __all__ = [
     "CalibrationConfig",

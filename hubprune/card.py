@@ -14,6 +14,7 @@ import logging
 import re
 from pathlib import Path
 
+from hubprune.cards import template_path
 from hubprune.record import PLOT_FILE, RECIPE_FILE, PruneRecord
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def render_card(folder: str | Path, repo_id: str | None = None):
     Example: ``render_card("out/smollm2-24l", "me/smollm2-24l").save("out/smollm2-24l/README.md")``
     """
     from huggingface_hub import ModelCard, ModelCardData
-
-    from hubprune.cards import template_path
 
     folder = Path(folder)
     record = PruneRecord.load(folder)

@@ -19,12 +19,24 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
 from hubprune._version import __version__
+from hubprune.architecture.filesurgery import cut_checkpoint
+from hubprune.card import readme_was_edited, write_card
 from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
+from hubprune.eval.chat import chat_fidelity
+from hubprune.eval.evaluate import evaluate_model
+from hubprune.eval.harness import load_tasks, parse_data
+from hubprune.eval.tasks import TASKS
+from hubprune.generation import has_chat_template
+from hubprune.heal.folder import heal_folder
+from hubprune.hub import push_folder
+from hubprune.loading import load_model
+from hubprune.methods.sweep import sweep
+from hubprune.pruner import LayerPruner, run_recipe
+from hubprune.record import RECORD_FILE, PruneRecord
 
 logger = logging.getLogger("hubprune")
 
@@ -83,8 +95,6 @@ def _leave_process_group(wait: bool) -> None:
 
 
 def cmd_scan(args) -> int:
-    from hubprune.pruner import LayerPruner
-
     for path in (args.out, args.plot):
         if path and Path(path).exists() and not args.overwrite:
             raise FileExistsError(f"{path} already exists; choose another path or pass --overwrite")
@@ -133,11 +143,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_heal(args) -> int:
-    from hubprune.io import check_output
-    from hubprune.loading import load_model
-    from hubprune.pruner import PrunedModel, checkpoint_dir_for
-
-    check_output(args.out, overwrite=args.overwrite, protect=(args.folder,))
     config = HealConfig(
         method=args.method,
         steps=args.steps,
@@ -155,50 +160,17 @@ def cmd_heal(args) -> int:
         mix=args.mix,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
     )
-    checkpoints = checkpoint_dir_for(args.out)
-    from accelerate import PartialState
-
-    from hubprune.evaluate import heldout_texts
-
-    heldout = heldout_texts()
-    if config.method == "qlora":  # loaded straight into 4-bit (teacher too); the adapter is merged at file level
-        from hubprune.qlora import heal_checkpoint
-
-        _, report = heal_checkpoint(
-            args.folder,
-            args.out,
-            config,
-            checkpoint_dir=checkpoints,
-            eval_texts=heldout,
-            device=args.device,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-        if not PartialState().is_main_process:
-            return 0
-        h = report.to_dict()
-    else:
-        pruned = PrunedModel.from_pretrained(args.folder, dtype=args.dtype, device=args.device)
-        teacher = None
-        if config.distill > 0 or config.refit:  # both read the original
-            r = pruned.record
-            revision = r.base_revision if r.origin.get("kind") == "hub" else None
-            logger.info("loading the original model %s as the teacher", r.base_model)
-            try:
-                teacher, _, _ = load_model(r.base_model, revision=revision, dtype=args.dtype, device=args.device)
-            except (OSError, ValueError) as err:
-                if config.distill > 0:
-                    raise
-                logger.warning("the original %s could not be loaded (%s); healing without refit", r.base_model, err)
-        healed = pruned.heal(
-            config, teacher=teacher, checkpoint_dir=checkpoints, eval_texts=heldout, progress=not args.quiet
-        )
-        if not PartialState().is_main_process:  # under accelerate launch, one process writes
-            return 0
-        healed.save_pretrained(args.out, overwrite=args.overwrite)
-        h = healed.record.healing
-    if checkpoints is not None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    h = heal_folder(
+        args.folder,
+        args.out,
+        config,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    if h is None:  # under accelerate launch, another process wrote the folder
+        return 0
     print(
         f"healed {h['steps']} steps ({h['method']}), {h['tokens']} tokens at {h['tokens_per_second']:.0f} tokens/s; "
         f"loss {h['first_loss']:.3f} -> {h['final_loss']:.3f}; saved to {args.out}"
@@ -212,19 +184,11 @@ def cmd_eval(args) -> int:
     import torch
     from accelerate import PartialState
 
-    from hubprune.card import readme_was_edited, write_card
-    from hubprune.evaluate import evaluate_model
-    from hubprune.loading import load_model
-    from hubprune.record import RECORD_FILE, PruneRecord
-    from hubprune.tasks import TASKS
-
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     tasks = [t for t in args.tasks.split(",") if t]
     task_data = None
     if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
-        from hubprune.harness import load_tasks, parse_data
-
         task_data = parse_data(args.data)
         load_tasks(tasks, task_data)
     elif args.data:
@@ -246,8 +210,6 @@ def cmd_eval(args) -> int:
     results = {}
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.chat:
-        from hubprune.chat import has_chat_template
-
         if not has_chat_template(tokenizer):
             raise ValueError(
                 f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
@@ -278,8 +240,6 @@ def cmd_eval(args) -> int:
         results["original"] = score(base, base_tokenizer)
     fidelity = None
     if chat:
-        from hubprune.chat import chat_fidelity
-
         fidelity = chat_fidelity(
             model,
             base,
@@ -317,9 +277,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from hubprune.pruner import LayerPruner
-    from hubprune.sweep import sweep
-
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
@@ -352,8 +309,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_cut(args) -> int:
-    from hubprune.filesurgery import cut_checkpoint
-
     out = cut_checkpoint(
         args.folder, args.out, _layer_list(args.layers), overwrite=args.overwrite, progress=not args.quiet
     )
@@ -362,8 +317,6 @@ def cmd_cut(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from hubprune.hub import push_folder
-
     info = push_folder(
         args.folder,
         args.repo_id,
@@ -377,6 +330,8 @@ def cmd_push(args) -> int:
     return 0
 
 
+# serve, compare and space import hubprune.server and hubprune.space when they run: those need the serve and
+# space extras (fastapi, gradio), which the other commands do without.
 def cmd_serve(args) -> int:
     from hubprune.server.config import from_args
     from hubprune.server.launch import serve
@@ -412,8 +367,6 @@ def cmd_space(args) -> int:
 
 
 def _run(recipe: Recipe, quiet: bool) -> int:
-    from hubprune.pruner import run_recipe
-
     pruned, out = run_recipe(recipe, progress=not quiet)
     r = pruned.record
     if pruned.scan is not None and not quiet and r.removed_layers:

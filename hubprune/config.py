@@ -11,8 +11,8 @@ A recipe looks like this (every key but ``model`` and one of ``prune``'s is opti
     prune:
       n_layers: 6           # or fraction: 0.2, or layers: [12, 13, 14]
       metric: angular_last
-      mlp_width: 0.8        # optional: keep 80 % of every MLP's neurons (hubprune.width)
-      sparsity: "2:4"       # optional: or 0.5; zeroed by sparsity_method (hubprune.sparsity)
+      mlp_width: 0.8        # optional: keep 80 % of every MLP's neurons (hubprune.methods.width)
+      sparsity: "2:4"       # optional: or 0.5; zeroed by sparsity_method (hubprune.methods.sparsity)
     output: out/smollm2-24l
 
 Unknown keys are refused with the list of known ones; values are checked on construction.
@@ -21,6 +21,7 @@ Unknown keys are refused with the list of known ones; values are checked on cons
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,58 @@ METRICS = ("angular_last", "angular_all", "block_influence", "perplexity")
 (SLEB / Shortened LLaMA; costs one extra pass per candidate block)."""
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# The sparsity target of PruneConfig, parsed here so that the config checks itself (the weights are
+# zeroed by hubprune.methods.sparsity).
+SPARSITY_METHODS = ("magnitude", "wanda")
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A target: ``fraction`` of the weights zeroed; ``n``/``m`` set for an N:M pattern (N kept of M)."""
+
+    fraction: float
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.n}:{self.m}" if self.m else "unstructured"
+
+    def __str__(self) -> str:
+        return self.pattern if self.m else f"{self.fraction:g}"
+
+
+def parse_sparsity(value) -> Sparsity:
+    """``0.5`` or ``"0.5"`` (a fraction in (0, 1)) or ``"2:4"`` (N kept of every M, N < M); ValueError otherwise.
+
+    Example: ``parse_sparsity("2:4").fraction == 0.5``
+    """
+    if isinstance(value, str):
+        match = _NM.match(value)
+        if match:
+            n, m = int(match[1]), int(match[2])
+            if not 0 < n < m:
+                raise ValueError(
+                    f"sparsity {value!r}: N:M keeps N of every M weights, so 0 < N < M is needed, such as 2:4"
+                )
+            return Sparsity(1 - n / m, n, m)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(
+                f"sparsity must be a fraction in (0, 1) such as 0.5, or N:M such as 2:4, got {value!r}"
+            ) from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"sparsity must be a fraction such as 0.5 or a string N:M such as '2:4', got {value!r}")
+    if not 0 < number < 1:
+        hint = " (in YAML, quote an N:M pattern: '2:4')" if isinstance(value, int) and value > 1 else ""
+        raise ValueError(f"sparsity must lie strictly between 0 and 1, got {value!r}{hint}")
+    return Sparsity(number)
 
 
 @dataclass
@@ -82,9 +135,9 @@ class PruneConfig:
     zero-shot tasks, or chat top-1 agreement with the original's answers -- within that
     fraction of the original's, found by measuring).
 
-    ``mlp_width`` (in (0, 1)) keeps that share of every MLP's neurons (``hubprune.width``);
+    ``mlp_width`` (in (0, 1)) keeps that share of every MLP's neurons (``hubprune.methods.width``);
     ``sparsity`` (a fraction in (0, 1), or ``"N:M"`` such as ``"2:4"``) zeroes weights of the
-    decoder projections, scored by ``sparsity_method`` (``hubprune.sparsity``). Both apply
+    decoder projections, scored by ``sparsity_method`` (``hubprune.methods.sparsity``). Both apply
     after layers are dropped; with either, no layer option is needed.
 
     Example: ``PruneConfig(n_layers=6, metric="angular_last")``, ``PruneConfig(sparsity="2:4")``
@@ -141,8 +194,6 @@ class PruneConfig:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
 
     def _check_width_and_sparsity(self) -> None:
-        from hubprune.sparsity import SPARSITY_METHODS, parse_sparsity
-
         if self.mlp_width is not None:
             if isinstance(self.mlp_width, bool) or not isinstance(self.mlp_width, (int, float)):
                 raise TypeError(f"prune.mlp_width must be a fraction in (0, 1) such as 0.8, got {self.mlp_width!r}")
@@ -271,7 +322,7 @@ class HealConfig:
     chat for a model whose tokenizer has a chat template, when the original is at hand and no
     healing text was given; prose otherwise.
 
-    ``refit`` (on by default) first repairs each gap in closed form (``hubprune.refit``):
+    ``refit`` (on by default) first repairs each gap in closed form (``hubprune.heal.refit``):
     the MLP output projection of the last kept layer before the gap is refit by ridge least
     squares, on ``refit_tokens`` tokens of the healing text, so that the layer's output
     approximates the original's residual stream after the removed block. It needs the

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from hubprune.families import family_of
+from hubprune.architecture.families import family_of
 
 logger = logging.getLogger(__name__)
 

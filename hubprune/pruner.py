@@ -13,11 +13,17 @@ from typing import Any
 
 import torch
 
+from hubprune._version import __version__
+from hubprune.architecture.families import decoder_layers, skeleton
+from hubprune.architecture.filesurgery import count_checkpoint_parameters, cut_checkpoint
+from hubprune.architecture.surgery import check_layers, copy_sharing_weights, drop_layers
 from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.card import write_card
 from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, Recipe, replayable
-from hubprune.families import decoder_layers
-from hubprune.io import atomic_output
+from hubprune.eval.perplexity import heldout_texts
+from hubprune.heal.lora import heal_model
+from hubprune.hub import push_folder
+from hubprune.io import atomic_output, check_output
 from hubprune.loading import (
     DEFAULT_MODEL,
     ModelOrigin,
@@ -29,12 +35,12 @@ from hubprune.loading import (
     resolve_device,
     resolve_dtype,
 )
-from hubprune.record import PLOT_FILE, RECIPE_FILE, SCAN_FILE, PruneRecord
-from hubprune.scan import ScanResult, loss_scan, scan_model
-from hubprune.sparsity import sparsify
-from hubprune.streamscan import fits_in_memory
-from hubprune.surgery import check_layers, copy_sharing_weights, drop_layers
-from hubprune.width import check_narrowable, narrow_mlp
+from hubprune.methods.scan import ScanResult, loss_scan, scan_model
+from hubprune.methods.sparsity import masks_from_zeros, sparsify
+from hubprune.methods.streamscan import fits_in_memory, streamed_scan
+from hubprune.methods.sweep import largest_drop_within
+from hubprune.methods.width import check_narrowable, narrow_mlp
+from hubprune.record import PLOT_FILE, RECIPE_FILE, RECORD_FILE, SCAN_FILE, PruneRecord
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +161,6 @@ class LayerPruner:
                     "the perplexity criterion needs the model in memory; use streaming=False, "
                     "or an angular or block_influence metric"
                 )
-            from hubprune.streamscan import streamed_scan
 
             dtype = resolve_dtype(self.load_options.get("dtype", "float32"))
             result = streamed_scan(
@@ -273,8 +278,6 @@ class LayerPruner:
         )
 
     def _record(self, pruned, removed: list[int], metric: str) -> PruneRecord:
-        from hubprune._version import __version__
-
         scores: dict[str, Any] = {}
         if self.scan_result is not None and metric not in ("explicit", "none"):
             n = len(removed)
@@ -285,8 +288,6 @@ class LayerPruner:
                 "chosen": [values[i] for i in removed] if metric == "block_influence" else values[removed[0]],
             }
         if self.streaming:
-            from hubprune.filesurgery import count_checkpoint_parameters
-
             before, after = count_checkpoint_parameters(self._folder, removed)
             config_updates = ["num_hidden_layers"]
         else:
@@ -344,8 +345,6 @@ class PrunedModel:
         cls, folder: str | os.PathLike, *, dtype: str = "float32", device: str = "auto"
     ) -> PrunedModel:
         """Load a folder written by ``save_pretrained`` (model, tokenizer, record, recipe, scan)."""
-        from hubprune.record import RECORD_FILE
-
         folder = Path(folder)
         if not (folder / RECORD_FILE).is_file():
             raise FileNotFoundError(f"{folder} has no {RECORD_FILE}: give a folder written by hubprune prune")
@@ -372,8 +371,6 @@ class PrunedModel:
         ``options`` override fields of ``config`` (``steps=300, distill=0.5``, ...). This
         object is left unhealed. Example: ``healed = pruned.heal(steps=300, distill=0.5)``
         """
-        from hubprune.heal import heal_model
-
         if self.model is None:
             raise ValueError(
                 "this model was pruned at file level and is not in memory: save it, then heal the "
@@ -383,8 +380,6 @@ class PrunedModel:
         teacher = teacher if teacher is not None else self.base
         masks = None
         if self.record.sparsity:  # the zero weights stay zero: re-applied after the LoRA merge
-            from hubprune.sparsity import masks_from_zeros
-
             masks = masks_from_zeros(self.model)
         student = copy_sharing_weights(self.model)  # the weights LoRA merges into are copied at the merge
         healed = PrunedModel(student, self.tokenizer, self.record, self.recipe, self.scan, base=self.base)
@@ -424,8 +419,6 @@ class PrunedModel:
             write_card(tmp, repo_id=Path(out).name)
 
         if self.model is None:
-            from hubprune.filesurgery import cut_checkpoint
-
             if self.source_folder is None:
                 raise ValueError("a model pruned at file level is saved from its source folder, and none was given")
             cut_checkpoint(self.source_folder, out, self.record.removed_layers, overwrite=overwrite, finish=extras)
@@ -451,8 +444,6 @@ class PrunedModel:
 
         Example: ``pruned.push_to_hub("me/smollm2-24l", private=True)``
         """
-        from hubprune.hub import push_folder
-
         with tempfile.TemporaryDirectory(prefix="hubprune-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.rsplit("/", 1)[-1])
             return push_folder(
@@ -470,8 +461,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
 
     Example: ``run_recipe(Recipe.load("recipes/smollm2-24l.yaml"))``
     """
-    from hubprune.io import check_output
-
     # Everything that can be checked before the slow part is.
     if recipe.output:
         local = recipe.model if Path(recipe.model).expanduser().exists() else ""
@@ -497,8 +486,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     if p.mlp_width is not None:  # from the config alone (a meta-device skeleton): refused before loading
         from transformers import AutoConfig
 
-        from hubprune.families import skeleton
-
         config = AutoConfig.from_pretrained(
             folder, revision=recipe.revision, trust_remote_code=recipe.trust_remote_code
         )
@@ -512,8 +499,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
     elif reshapes:
         pruner.calibrate(recipe.calibration)
     if p.max_quality_loss is not None:
-        from hubprune.sweep import largest_drop_within
-
         n, points = largest_drop_within(pruner, p.max_quality_loss, p.metric, quality=p.quality, progress=progress)
         budget = {
             "max_quality_loss": p.max_quality_loss,
@@ -536,8 +521,6 @@ def run_recipe(recipe: Recipe, *, progress: bool = True) -> tuple[PrunedModel, P
         )
     pruned.recipe = replace(recipe, output=None, overwrite=False)
     if recipe.heal is not None:
-        from hubprune.evaluate import heldout_texts
-
         pruned = pruned.heal(
             recipe.heal,
             checkpoint_dir=checkpoint_dir_for(recipe.output),

@@ -16,8 +16,8 @@ PLOT_FILE = "hubprune_scan.png"
 class PruneRecord:
     """What was removed from which model, chosen how. Layer indices are the base model's, 0-based.
 
-    ``width``: the MLP narrowing (``hubprune.width.WidthReport``), empty if none; ``sparsity``:
-    the zeroed weights (``hubprune.sparsity.sparsify``'s report: pattern, method, counts per
+    ``width``: the MLP narrowing (``hubprune.methods.width.WidthReport``), empty if none; ``sparsity``:
+    the zeroed weights (``hubprune.methods.sparsity.sparsify``'s report: pattern, method, counts per
     projection, the mask's sha256), empty if none.
 
     Example: ``PruneRecord.load("out/smollm2-24l").removed_layers``

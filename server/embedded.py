@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from hubprune.chat import left_pad
+from hubprune.generation import left_pad
 from hubprune.loading import NO_HUB_KERNELS, load_model, resolve_device
 from hubprune.server.config import BNB_QUANTIZATION, ModelSpec
 from hubprune.server.engine import Engine

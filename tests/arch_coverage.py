@@ -9,13 +9,13 @@ type's defaults (hidden 64, 6 layers, 4 experts, ...; FIXES holds the few settin
 checkpoints write and the defaults leave unset; a type that cannot be built tiny, or whose
 unpruned model does not even reload with AutoModelForCausalLM, is listed with the reason), then:
 
-1. drop 2 layers in memory (hubprune.surgery.drop_layers): 2 and 3, or the first pair that leaves
+1. drop 2 layers in memory (hubprune.architecture.surgery.drop_layers): 2 and 3, or the first pair that leaves
    every kind of layer in layer_types at least one (drop_for);
 2. the pruned model's logits equal the original's run with those layers skipped
    (identity hooks, no cache): the kept path computes what it computed before;
 3. save_pretrained + AutoModelForCausalLM.from_pretrained give the same logits;
 4. greedy generation with the KV cache equals generation without it (layer_idx renumbered);
-5. the file-level cut (hubprune.filesurgery.cut_checkpoint) of the saved original reloads
+5. the file-level cut (hubprune.architecture.filesurgery.cut_checkpoint) of the saved original reloads
    with the same logits as the in-memory cut.
 
 A type hubprune refuses (ValueError from the cut) is listed with its one-line reason.
@@ -150,7 +150,7 @@ def build(model_type: str):
     """(config, model, input ids) of the first tiny config that builds and runs; raises the last error."""
     from transformers import AutoModelForCausalLM
 
-    from hubprune.families import skeleton
+    from hubprune.architecture.families import skeleton
 
     errors = []
     for config in _with_text_configs(tiny_configs(model_type)):
@@ -195,9 +195,9 @@ def check(model_type: str, folder: Path) -> Outcome:
     """Build, cut, reload and compare one model type (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from hubprune.families import decoder_layers
-    from hubprune.filesurgery import cut_checkpoint
-    from hubprune.surgery import drop_layers
+    from hubprune.architecture.families import decoder_layers
+    from hubprune.architecture.filesurgery import cut_checkpoint
+    from hubprune.architecture.surgery import drop_layers
 
     try:
         config, model, ids = build(model_type)
@@ -261,9 +261,9 @@ def _outside_layers_unchanged(source: Path, cut: Path, config, drop: list[int]) 
     one that holds a block per layer (Gemma 4 per-layer embeddings) keeps exactly the kept layers' blocks."""
     from safetensors.torch import load_file
 
-    from hubprune.families import family_of, layer_count
-    from hubprune.filesurgery import layer_key_pattern
-    from hubprune.perlayer import per_layer_dim, per_layer_width
+    from hubprune.architecture.families import family_of, layer_count
+    from hubprune.architecture.filesurgery import layer_key_pattern
+    from hubprune.architecture.perlayer import per_layer_dim, per_layer_width
 
     def tensors(folder: Path) -> dict:
         return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}

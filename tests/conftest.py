@@ -56,7 +56,7 @@ def checkpoint_tensors(folder: Path) -> dict:
     """Every tensor of a safetensors checkpoint folder (one file or several shards), by name."""
     from safetensors.torch import load_file
 
-    from hubprune.filesurgery import shard_files
+    from hubprune.architecture.filesurgery import shard_files
 
     tensors = {}
     for shard in shard_files(Path(folder)):

@@ -1,4 +1,5 @@
-"""Chat fidelity and chat healing (hubprune.chat): tiny models with a chat template, and the real SmolLM2."""
+"""Chat fidelity (hubprune.eval.chat) and chat healing (hubprune.heal.data), both over hubprune.generation: tiny
+models with a chat template, and the real SmolLM2."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokenizer
-from hubprune import chat
 from hubprune.config import ChatDataConfig, HealConfig
+from hubprune.eval.chat import chat_fidelity, eval_prompts, loops, reference_answers
+from hubprune.generation import generate, model_fingerprint, render
+from hubprune.heal.data import chat_windows, magpie_prompts, self_chat, student_chat, user_prefix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,58 +41,58 @@ def prompt_file(tmp_path, n=12):
 
 
 def test_loops_counts_a_word_four_gram_three_times():
-    assert chat.loops("a luxury that requires a lot of effort, " * 3)
-    assert not chat.loops("a luxury that requires a lot of effort, " * 2)
-    assert not chat.loops("The capital of France is Paris.")
+    assert loops("a luxury that requires a lot of effort, " * 3)
+    assert not loops("a luxury that requires a lot of effort, " * 2)
+    assert not loops("The capital of France is Paris.")
 
 
 def test_eval_prompts_are_mt_bench_then_evenly_spaced_natural_questions():
-    prompts, source = chat.eval_prompts(128)
+    prompts, source = eval_prompts(128)
     assert source == "80 MT-bench first turns and 48 Natural Questions"
     assert len(prompts) == len(set(prompts)) == 128
     assert prompts[0].startswith("Compose an engaging travel blog post")
     assert all(p.endswith("?") for p in prompts[80:])
-    assert chat.eval_prompts(128)[0] == prompts  # fixed, so runs compare
-    assert chat.eval_prompts(8)[0] == prompts[:8]
+    assert eval_prompts(128)[0] == prompts  # fixed, so runs compare
+    assert eval_prompts(8)[0] == prompts[:8]
     with pytest.raises(ValueError, match="positive"):
-        chat.eval_prompts(0)
+        eval_prompts(0)
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(chat_tokenizer):
     model = tiny_llama(seed=3)
-    inputs = chat.render(chat_tokenizer, ["Hi", "Tell me about the moon and the stars tonight", "Why?"], chat=True)
-    batched = chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, batch_size=3)
+    inputs = render(chat_tokenizer, ["Hi", "Tell me about the moon and the stars tonight", "Why?"], chat=True)
+    batched = generate(model, chat_tokenizer, inputs, max_new_tokens=12, batch_size=3)
     for ids, out in zip(inputs, batched):
-        alone = chat.generate(model, chat_tokenizer, [ids], max_new_tokens=12, batch_size=1)[0]
+        alone = generate(model, chat_tokenizer, [ids], max_new_tokens=12, batch_size=1)[0]
         assert out.tokens == alone.tokens
         reference = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=2,
                                    eos_token_id=2)[0, len(ids):].tolist()
         assert out.tokens == reference[: len(out.tokens)]
-    sampled = chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
-    assert sampled == chat.generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
+    sampled = generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
+    assert sampled == generate(model, chat_tokenizer, inputs, max_new_tokens=12, temperature=1.0, seed=5)
 
 
 def test_chat_windows_mark_exactly_the_answer_tokens(chat_tokenizer):
     conversations = [{"prompt": f"question {i}", "answer": f"answer number {i} is here"} for i in range(30)]
-    windows = chat.chat_windows(chat_tokenizer, conversations, n_samples=4, seq_len=32)
+    windows = chat_windows(chat_tokenizer, conversations, n_samples=4, seq_len=32)
     assert windows.ids.shape == windows.loss_mask.shape == (4, 32)
     assert (windows.ids[:, 0] == chat_tokenizer.bos_token_id).all() and not windows.loss_mask[:, 0].any()
     learnt = chat_tokenizer.decode(windows.ids[windows.loss_mask])
     assert "answer number 0 is here" in learnt and "question" not in learnt and "assistant" not in learnt
     assert learnt.count("</s>") >= 2  # each answer's end-of-turn token is learnt too
     with pytest.raises(ValueError, match="less than one window"):
-        chat.chat_windows(chat_tokenizer, conversations[:1], n_samples=4, seq_len=512)
+        chat_windows(chat_tokenizer, conversations[:1], n_samples=4, seq_len=512)
 
 
 def test_fidelity_of_a_model_to_itself_is_perfect_and_to_another_is_not(chat_tokenizer):
     model, other = tiny_llama(seed=0), tiny_llama(seed=1)
     prompts = ["Hello there", "What is two plus two?", "Name a colour", "Tell me a story"]
-    same = chat.chat_fidelity(model, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
+    same = chat_fidelity(model, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
     assert same.mode == "chat" and same.prompts == 4
     assert same.top1_agreement == 1.0 and abs(same.kl) < 1e-4
     assert (same.loop_rate, same.eos_rate) == (same.original_loop_rate, same.original_eos_rate)
     assert same.answer_tokens > 0
-    apart = chat.chat_fidelity(other, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
+    apart = chat_fidelity(other, model, chat_tokenizer, prompts=prompts, max_new_tokens=16, progress=False)
     assert apart.top1_agreement < 0.9 and apart.kl > 0.01
     assert "top-1 agreement" in apart.table()
     json.dumps(apart.to_dict())
@@ -99,16 +102,16 @@ def test_fidelity_refuses_chat_without_a_template_and_names_the_fallback():
     tok = tiny_tokenizer()
     model = tiny_llama()
     with pytest.raises(ValueError, match="--continuations"):
-        chat.chat_fidelity(model, model, tok, prompts=["hi"], chat=True, progress=False)
-    result = chat.chat_fidelity(model, model, tok, prompts=["Once upon a time"], max_new_tokens=8, progress=False)
+        chat_fidelity(model, model, tok, prompts=["hi"], chat=True, progress=False)
+    result = chat_fidelity(model, model, tok, prompts=["Once upon a time"], max_new_tokens=8, progress=False)
     assert result.mode == "continuation" and result.top1_agreement == 1.0
 
 
 def test_magpie_questions_come_from_the_user_turn_prefix(chat_tokenizer):
-    assert chat.user_prefix(chat_tokenizer) == "<s>user: "
+    assert user_prefix(chat_tokenizer) == "<s>user: "
     model = tiny_llama(seed=2)
     config = ChatDataConfig(max_question_tokens=24, question_temperature=1.0, batch_size=16)
-    questions = chat.magpie_prompts(model, chat_tokenizer, 4, config, progress=False)
+    questions = magpie_prompts(model, chat_tokenizer, 4, config, progress=False)
     assert 0 < len(questions) <= 4 and len(set(questions)) == len(questions)
     assert all(10 <= len(q) <= 600 for q in questions)
 
@@ -116,29 +119,30 @@ def test_magpie_questions_come_from_the_user_turn_prefix(chat_tokenizer):
 def test_self_chat_is_cached_and_a_rerun_reuses_it(chat_tokenizer, cache, tmp_path, monkeypatch):
     model = tiny_llama(seed=2)
     config = ChatDataConfig(prompts=str(prompt_file(tmp_path)), max_new_tokens=8, batch_size=8)
-    first = chat.self_chat(model, chat_tokenizer, config, count=6, progress=False)
+    first = self_chat(model, chat_tokenizer, config, count=6, progress=False)
     assert len(first) == 6 and first[0]["prompt"].startswith("Tell me a short story")
     assert len(list((cache / "chat-data").glob("*.json"))) == 1
 
     def refuse(*args, **kwargs):
         raise AssertionError("a cached set must not be generated again")
 
-    monkeypatch.setattr(chat, "generate", refuse)
-    assert chat.self_chat(model, chat_tokenizer, config, count=6, progress=False) == first
+    monkeypatch.setattr("hubprune.heal.data.generate", refuse)
+    assert self_chat(model, chat_tokenizer, config, count=6, progress=False) == first
 
 
 def test_prompts_that_overlap_the_evaluation_prompts_are_refused(chat_tokenizer, cache, tmp_path):
-    held_out = chat.eval_prompts(3)[0]
+    held_out = eval_prompts(3)[0]
     path = tmp_path / "leaky.txt"
     path.write_text("Write me a poem.\n" + held_out[1] + "\n")
     with pytest.raises(ValueError, match="overlap"):
-        chat.self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(path)), count=2, progress=False)
+        self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(path)), count=2, progress=False)
     with pytest.raises(FileNotFoundError, match="one prompt a line"):
-        chat.self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(tmp_path / "nope.txt")), count=2)
+        self_chat(tiny_llama(), chat_tokenizer, ChatDataConfig(prompts=str(tmp_path / "nope.txt")), count=2)
 
 
 def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, cache, tmp_path):
-    from hubprune.heal import heal_model, healing_text
+    from hubprune.heal.data import healing_text
+    from hubprune.heal.lora import heal_model
 
     original = tiny_llama(num_layers=6, seed=4)
     student = tiny_llama(num_layers=6, seed=4)
@@ -161,7 +165,7 @@ def test_chat_healing_learns_only_answer_tokens_and_records_it(chat_tokenizer, c
 
 
 def test_chat_healing_refusals(chat_tokenizer, tmp_path):
-    from hubprune.heal import healing_text
+    from hubprune.heal.data import healing_text
 
     original = tiny_llama()
     with pytest.raises(ValueError, match="heal.text prose"):
@@ -181,7 +185,7 @@ def test_chat_healing_refusals(chat_tokenizer, tmp_path):
 
 
 def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
-    from hubprune.heal import _loss
+    from hubprune.heal.lora import healing_loss
 
     model, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
     batch = torch.randint(3, 300, (2, 16))
@@ -189,16 +193,16 @@ def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
     learn[:, 10:] = True
     logits = model(input_ids=batch).logits
     expected = torch.nn.functional.cross_entropy(logits[:, 9:15].flatten(0, 1), batch[:, 10:].flatten())
-    lm = _loss(model, teacher, batch, HealConfig(distill=0.0), learn)
+    lm = healing_loss(model, teacher, batch, HealConfig(distill=0.0), learn)
     assert torch.allclose(lm, expected, atol=1e-5)
-    everything = _loss(model, teacher, batch, HealConfig(distill=0.0), None)
+    everything = healing_loss(model, teacher, batch, HealConfig(distill=0.0), None)
     assert torch.allclose(everything, torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
                                                                          batch[:, 1:].flatten()), atol=1e-5)
     target = teacher(input_ids=batch).logits
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)[:, 9:15].mean()
-    assert torch.allclose(_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
-    nothing = _loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
+    assert torch.allclose(healing_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
+    nothing = healing_loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
     assert nothing.item() == 0.0
 
 
@@ -216,25 +220,25 @@ def test_eval_chat_on_a_model_without_a_chat_template_names_the_fallback(tiny_mo
 @pytest.mark.slow
 def test_smollm2_writes_its_own_questions_and_answers_itself_faithfully(smollm2, cache):
     model, tok = smollm2.model, smollm2.tokenizer
-    questions = chat.magpie_prompts(model, tok, 4, ChatDataConfig(batch_size=4, max_question_tokens=48),
-                                    progress=False)
+    questions = magpie_prompts(model, tok, 4, ChatDataConfig(batch_size=4, max_question_tokens=48),
+                               progress=False)
     assert len(questions) == 4 and all(q.strip() for q in questions)
-    answer = chat.generate(model, tok, chat.render(tok, ["What is the capital of France?"], chat=True),
-                           max_new_tokens=16)[0]
+    answer = generate(model, tok, render(tok, ["What is the capital of France?"], chat=True),
+                      max_new_tokens=16)[0]
     assert "Paris" in tok.decode(answer.tokens) and answer.finished
-    same = chat.chat_fidelity(model, model, tok, n_prompts=3, max_new_tokens=24, progress=False)
+    same = chat_fidelity(model, model, tok, n_prompts=3, max_new_tokens=24, progress=False)
     assert same.top1_agreement == 1.0 and same.kl < 1e-4 and same.source == "3 MT-bench first turns"
 
 
 def test_student_answers_add_the_pruned_models_own_greedy_answers(chat_tokenizer, cache, tmp_path):
-    from hubprune.heal import heal_model
+    from hubprune.heal.lora import heal_model
 
     original, student = tiny_llama(num_layers=6, seed=4), tiny_llama(num_layers=6, seed=5)
     chat_config = ChatDataConfig(prompts=str(prompt_file(tmp_path)), conversations=8, max_new_tokens=12,
                                  student_answers=4)
-    own = chat.student_chat(student, chat_tokenizer, [{"prompt": "Hello there"}], chat_config, progress=False)
-    expected = chat.generate(student, chat_tokenizer, chat.render(chat_tokenizer, ["Hello there"], True),
-                             max_new_tokens=12)[0]
+    own = student_chat(student, chat_tokenizer, [{"prompt": "Hello there"}], chat_config, progress=False)
+    expected = generate(student, chat_tokenizer, render(chat_tokenizer, ["Hello there"], True),
+                        max_new_tokens=12)[0]
     assert own[0]["answer"] == chat_tokenizer.decode(expected.tokens, skip_special_tokens=True).strip()
     _, report = heal_model(student, chat_tokenizer, HealConfig(steps=2, batch_size=2, seq_len=32, distill=1.0,
                                                                refit=False, chat=chat_config),
@@ -247,20 +251,20 @@ def test_student_answers_add_the_pruned_models_own_greedy_answers(chat_tokenizer
 
 def test_the_originals_answers_are_cached_by_its_weights(chat_tokenizer, cache, monkeypatch):
     model = tiny_llama(seed=7)
-    first = chat.reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
-                                   progress=False)
+    first = reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
+                              progress=False)
     changed = tiny_llama(seed=7)
     with torch.no_grad():
         changed.model.layers[2].mlp.down_proj.weight.mul_(1.01)  # the embeddings and config are the same
-    assert chat.model_fingerprint(changed) != chat.model_fingerprint(model)
-    assert chat.model_fingerprint(tiny_llama(seed=7)) == chat.model_fingerprint(model)
+    assert model_fingerprint(changed) != model_fingerprint(model)
+    assert model_fingerprint(tiny_llama(seed=7)) == model_fingerprint(model)
 
     def refuse(*args, **kwargs):
         raise AssertionError("cached greedy answers must not be generated again")
 
-    monkeypatch.setattr(chat, "generate", refuse)
-    again = chat.reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
-                                   progress=False)
+    monkeypatch.setattr("hubprune.eval.chat.generate", refuse)
+    again = reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,
+                              progress=False)
     assert again.answers == first.answers and again.inputs == first.inputs
 
 

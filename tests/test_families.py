@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers as tf
 
-from hubprune.families import decoder_layers, family_of
-from hubprune.surgery import drop_layers
+from hubprune.architecture.families import decoder_layers, family_of
+from hubprune.architecture.surgery import drop_layers
 
 NUM_LAYERS = 6
 WINDOW = 8

@@ -9,8 +9,8 @@ import torch
 
 from conftest import checkpoint_tensors as _tensors
 from conftest import tiny_gpt2 as _gpt2
-from hubprune.filesurgery import INDEX_FILE, cut_checkpoint, shard_files
-from hubprune.surgery import drop_layers
+from hubprune.architecture.filesurgery import INDEX_FILE, cut_checkpoint, shard_files
+from hubprune.architecture.surgery import drop_layers
 
 
 def _qwen2():

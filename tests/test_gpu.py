@@ -55,7 +55,7 @@ def test_heal_on_the_gpu_saves_a_checkpoint_the_cpu_loads_with_the_same_logits(t
 
 
 def test_batched_greedy_generation_on_the_gpu_equals_one_at_a_time(tiny_model_dir):
-    from hubprune.chat import generate
+    from hubprune.generation import generate
 
     pruner = LayerPruner.from_pretrained(tiny_model_dir, device="cuda")
     prompts = [list(range(5, 5 + n)) for n in (3, 9, 17)]  # different lengths: left padding matters
@@ -65,7 +65,7 @@ def test_batched_greedy_generation_on_the_gpu_equals_one_at_a_time(tiny_model_di
 
 
 def test_evaluation_on_the_gpu_scores_as_on_the_cpu(tiny_model_dir):
-    from hubprune.evaluate import evaluate_model
+    from hubprune.eval.evaluate import evaluate_model
 
     results = []
     for device in ("cuda", "cpu"):

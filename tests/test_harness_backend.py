@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from hubprune.cli import main
-from hubprune.tasks import _arc_rows
+from hubprune.eval.tasks import arc_rows
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'hubprune[harness]')")
 N = 12
@@ -23,7 +23,7 @@ def arc_easy_file(tmp_path_factory):
     rows = [
         {"question": r["question"], "answerKey": string.ascii_uppercase[r["gold"]],
          "choices": {"text": r["choices"], "label": list(string.ascii_uppercase[: len(r["choices"])])}}
-        for r in _arc_rows("arc_easy", N)
+        for r in arc_rows("arc_easy", N)
     ]
     path = tmp_path_factory.mktemp("harness-data") / "arc_easy.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))

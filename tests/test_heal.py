@@ -9,7 +9,7 @@ import torch
 
 from hubprune import LayerPruner
 from hubprune.config import HealConfig
-from hubprune.heal import CHECKPOINT_FILE
+from hubprune.heal.lora import CHECKPOINT_FILE
 
 FAST = dict(steps=6, batch_size=2, seq_len=32, learning_rate=1e-2, warmup_steps=0, checkpoint_every=3)
 
@@ -71,14 +71,14 @@ def test_refusals(pruned, monkeypatch):
         HealConfig(distill=1.5)
     import importlib.util
 
-    import hubprune.heal as heal
+    import hubprune.heal.fourbit as fourbit
 
     find_spec = importlib.util.find_spec
     with monkeypatch.context() as patch:
         patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
         with pytest.raises(ValueError, match="qlora needs the bitsandbytes package.*use method: lora"):
-            heal.require_qlora()
-    monkeypatch.setattr(heal, "_nf4_on_cpu", lambda: False)  # a bitsandbytes build without CPU kernels
+            fourbit.require_qlora()
+    monkeypatch.setattr(fourbit, "_nf4_on_cpu", lambda: False)  # a bitsandbytes build without CPU kernels
     if importlib.util.find_spec("bitsandbytes") is not None and not torch.cuda.is_available():
         with pytest.raises(ValueError, match="qlora needs a CUDA GPU here.*use method: lora on a CPU"):
             pruned.heal(HealConfig(**FAST, method="qlora"), progress=False)
@@ -147,7 +147,7 @@ def test_recipe_with_healing(tiny_model_dir, tmp_path):
 
 
 def test_heal_refits_the_layer_before_the_gap_first_and_records_it(pruned):
-    """The default heal repairs the gap [2, 4) by refitting kept layer 1's down_proj before LoRA (hubprune.refit)."""
+    """The default heal repairs the gap [2, 4) by refitting kept layer 1's down_proj before LoRA (hubprune.heal.refit)."""
     refit_only = pruned.heal(HealConfig(**{**FAST, "steps": 1, "learning_rate": 1e-9}), progress=False)
     gaps = refit_only.record.healing["refit"]["gaps"]
     assert [(g["removed"], g["refit_layer"], g["module"]) for g in gaps] == [([2, 4], 1, "mlp.down_proj")]

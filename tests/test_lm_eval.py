@@ -15,7 +15,8 @@ import string
 
 import pytest
 
-from hubprune.tasks import _arc_rows, _rows, load_task, loglikelihoods, score_docs
+from hubprune.eval.scoring import loglikelihoods, score_docs
+from hubprune.eval.tasks import arc_rows, load_task, olmo_rows
 
 pytestmark = pytest.mark.slow
 N = 50
@@ -26,9 +27,9 @@ def _harness_rows(task: str) -> list[dict]:
     if task == "arc_easy":
         return [{"question": r["question"], "choices": {"text": r["choices"],
                                                         "label": list(string.ascii_uppercase[: len(r["choices"])])},
-                 "answerKey": string.ascii_uppercase[r["gold"]]} for r in _arc_rows("arc_easy", N)]
+                 "answerKey": string.ascii_uppercase[r["gold"]]} for r in arc_rows("arc_easy", N)]
     folder = {"piqa": "piqa/plain_text/validation", "hellaswag": "hellaswag/none/validation"}[task]
-    return _rows(folder, N)
+    return olmo_rows(folder, N)
 
 
 def _harness_task(name: str, tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 from conftest import checkpoint_tensors as _tensors
 from conftest import folder_digest, tiny_gpt2, tiny_llama
-from hubprune.filesurgery import INDEX_FILE, shard_files
-from hubprune.merge import merge_adapter_into_checkpoint
+from hubprune.architecture.filesurgery import INDEX_FILE, shard_files
+from hubprune.heal.merge import merge_adapter_into_checkpoint
 
 
 def _tied_llama():
@@ -96,7 +96,7 @@ def test_merge_updates_the_record_and_card(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     from hubprune import LayerPruner
-    from hubprune.heal import HealReport
+    from hubprune.heal.lora import HealReport
 
     folder = LayerPruner.from_pretrained(tiny_model_dir, device="cpu").prune(layers=[2, 3]).save_pretrained(
         tmp_path / "pruned", plot=False)

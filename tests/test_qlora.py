@@ -13,13 +13,13 @@ import torch
 
 from conftest import checkpoint_tensors, folder_digest, tiny_llama
 from hubprune.config import HealConfig
-from hubprune.qlora import heal_checkpoint
+from hubprune.heal.qlora import heal_checkpoint
 
 FAST = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--lr", "0.01"]
 
 
 def _qlora_skip(device: str) -> str | None:
-    from hubprune.heal import require_qlora
+    from hubprune.heal.fourbit import require_qlora
 
     if device == "cuda" and not torch.cuda.is_available():
         return "needs a CUDA GPU"
@@ -49,7 +49,7 @@ def test_qlora_heal_loads_4bit_only_and_merges_at_file_level(device, pruned_dir,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import hubprune.qlora as qlora
+    import hubprune.heal.qlora as qlora
     from hubprune.cli import main
 
     if reason := _qlora_skip(device):

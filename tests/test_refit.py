@@ -1,4 +1,4 @@
-"""Closed-form refit of the layer before each gap (hubprune.refit) on tiny random models."""
+"""Closed-form refit of the layer before each gap (hubprune.heal.refit) on tiny random models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_families import CONFIGS, build
 
-from hubprune.families import decoder_layers, family_of, get_module
-from hubprune.refit import can_refit, gaps_of, refit_gaps
-from hubprune.surgery import drop_layers
+from hubprune.architecture.families import decoder_layers, family_of, get_module
+from hubprune.architecture.surgery import drop_layers
+from hubprune.heal.refit import can_refit, gaps_of, refit_gaps
 
 REFITTABLE = [name for name in CONFIGS if family_of(CONFIGS[name]()).mlp_out is not None]
 

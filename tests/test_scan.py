@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_llama
 from hubprune.calibration import TokenWindows
-from hubprune.scan import ScanResult, describe_layers, loss_scan, scan_model
+from hubprune.methods.scan import ScanResult, describe_layers, loss_scan, scan_model
 
 
 def _direct_states(model, ids):
@@ -68,8 +68,8 @@ def test_choose_picks_lowest_block_and_lowest_bi(model_and_windows):
 
 
 def test_loss_scan_equals_perplexity_of_each_pruned_copy(model_and_windows):
-    from hubprune.evaluate import perplexity
-    from hubprune.surgery import drop_layers
+    from hubprune.architecture.surgery import drop_layers
+    from hubprune.eval.perplexity import perplexity
 
     model, windows = model_and_windows
     scores = loss_scan(model, windows, 2, progress=False)

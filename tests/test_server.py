@@ -352,7 +352,7 @@ def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_pa
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
-    from hubprune.surgery import drop_layers
+    from hubprune.architecture.surgery import drop_layers
 
     tokenizer = tiny_tokenizer()
     sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hubprune.architecture.surgery import drop_layers
 from hubprune.calibration import default_corpus, token_windows
-from hubprune.evaluate import perplexity
-from hubprune.surgery import drop_layers
+from hubprune.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow
 

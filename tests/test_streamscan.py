@@ -7,8 +7,8 @@ import torch
 
 from hubprune.calibration import TokenWindows, calibration_windows
 from hubprune.config import CalibrationConfig
-from hubprune.scan import scan_model
-from hubprune.streamscan import streamed_scan
+from hubprune.methods.scan import scan_model
+from hubprune.methods.streamscan import streamed_scan
 
 
 def _assert_same_scores(a, b, tol):

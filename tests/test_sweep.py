@@ -9,8 +9,8 @@ import pytest
 
 from hubprune import LayerPruner
 from hubprune.config import HealConfig
-from hubprune.evaluate import heldout_windows, perplexity
-from hubprune.sweep import largest_drop_within, sweep
+from hubprune.eval.perplexity import heldout_windows, perplexity
+from hubprune.methods.sweep import largest_drop_within, sweep
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_prune_with_a_quality_budget_from_the_cli(tiny_model_dir, tmp_path, caps
 
 
 def test_chat_quality_is_top1_agreement_with_the_originals_answers(pruner, monkeypatch):
-    from hubprune import sweep as sweep_module
+    from hubprune.methods import sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "CHAT_PROMPTS", 4)  # a tiny model: 4 prompts of up to 64 tokens
     result = sweep(pruner, fractions=(0.2,), metrics=("angular_last",), quality="chat", progress=False)

@@ -1,5 +1,5 @@
-"""Zero-shot multiple choice (hubprune.tasks): lm-eval's prompts on the real data, batched scores
-against a one-request-at-a-time loop, and the result type."""
+"""Zero-shot multiple choice (hubprune.eval: tasks, scoring, results): lm-eval's prompts on the real data,
+batched scores against a one-request-at-a-time loop, and the result type."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from hubprune.tasks import (TASKS, EvalResult, encode_pair, evaluate_tasks, load_task, loglikelihoods, max_length,
-                            question_scores)
+from hubprune.eval.evaluate import evaluate_tasks
+from hubprune.eval.results import EvalResult
+from hubprune.eval.scoring import encode_pair, loglikelihoods, max_length, question_scores
+from hubprune.eval.tasks import TASKS, load_task
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -257,7 +259,7 @@ def test_smollm2_scores_well_above_chance():
 
 
 def test_side_by_side_table_gives_the_share_above_chance_kept():
-    from hubprune.tasks import TaskScore
+    from hubprune.eval.results import TaskScore
 
     original = EvalResult({"piqa": TaskScore("piqa", 0.62, 0.64, 0.01, 0.011, 1838, 0.5),
                            "arc_easy": TaskScore("arc_easy", 0.5, 0.45, 0.01, 0.01, 2376, 0.25)}, 20.0, "wiki")

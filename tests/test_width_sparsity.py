@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import folder_digest, tiny_gpt2, tiny_llama
+
 from hubprune import LayerPruner, PrunedModel
 from hubprune.cli import main
-from hubprune.config import CalibrationConfig, HealConfig, PruneConfig
-from hubprune.sparsity import masks_from_zeros, parse_sparsity, target_modules
+from hubprune.config import CalibrationConfig, HealConfig, PruneConfig, parse_sparsity
+from hubprune.methods.sparsity import masks_from_zeros, target_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--n-samples", "2", "--seq-len", "16", "-q"]
@@ -112,10 +112,10 @@ def test_healing_keeps_the_mask_in_memory_and_from_a_saved_folder(tiny_model_dir
 
 
 def test_the_file_level_merge_keeps_a_sparse_checkpoints_zeros(tiny_model_dir, tmp_path):
+    from conftest import checkpoint_tensors
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    from conftest import checkpoint_tensors
-    from hubprune.merge import merge_adapter_into_checkpoint
+    from hubprune.heal.merge import merge_adapter_into_checkpoint
 
     pruned = _pruner(tiny_model_dir).prune(sparsity=0.5, sparsity_method="magnitude", progress=False)
     folder = pruned.save_pretrained(tmp_path / "sparse")

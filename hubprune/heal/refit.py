@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hubprune.families import decoder_layers, family_of, final_hidden_hook, get_module
+from hubprune.architecture.families import decoder_layers, family_of, final_hidden_hook, get_module
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """QLoRA healing of a pruned folder that never holds the model in full precision.
 
 The pruned checkpoint is loaded straight into 4-bit NF4 (bf16 compute, double
-quantization) on one device, LoRA adapters are trained on it as in ``heal.heal_model``,
+quantization) on one device, LoRA adapters are trained on it as in ``lora.heal_model``,
 and the adapter is merged into the folder's full-precision safetensors shards at file
 level (``merge.merge_adapter_into_checkpoint``), one tensor at a time. Memory: the 4-bit
 model, the adapter and the activations on the device; the merge needs one block of rows
@@ -22,10 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hubprune.config import HealConfig
-from hubprune.fourbit import load_4bit
-from hubprune.heal import HealReport, heal_model, require_qlora
+from hubprune.config import HealConfig, Recipe, replayable
+from hubprune.heal.fourbit import load_4bit, require_qlora
+from hubprune.heal.lora import HealReport, heal_model
+from hubprune.heal.merge import merge_adapter_into_checkpoint
 from hubprune.io import check_output
+from hubprune.loading import locate, resolve_device
 from hubprune.record import RECIPE_FILE, RECORD_FILE, PruneRecord
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,6 @@ def heal_checkpoint(
     """
     from accelerate import PartialState
     from transformers import AutoTokenizer
-
-    from hubprune.loading import resolve_device
-    from hubprune.merge import merge_adapter_into_checkpoint
 
     folder = Path(folder)
     if config.method != "qlora":
@@ -94,8 +93,6 @@ def heal_checkpoint(
             return Path(out), report
 
         def finish(tmp: Path) -> None:
-            from hubprune.config import Recipe, replayable
-
             if (folder / RECIPE_FILE).is_file():
                 recipe = Recipe.load(folder / RECIPE_FILE)
                 heal = replace(config, data=replayable(data, config.data, None))
@@ -110,8 +107,6 @@ def heal_checkpoint(
 
 
 def _load_teacher(record: PruneRecord, device: torch.device) -> nn.Module:
-    from hubprune.loading import locate
-
     revision = record.base_revision if record.origin.get("kind") == "hub" else None
     found, _ = locate(record.base_model, revision=revision)
     logger.info("loading the original model %s in 4-bit as the distillation teacher", record.base_model)

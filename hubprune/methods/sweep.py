@@ -4,7 +4,7 @@ that stays within a quality budget, both from measurements.
 Quality is measured on zero-shot tasks (mean acc_norm above chance, relative to the
 original's), as held-out perplexity (the original's divided by the pruned model's), or on
 chat answers (top-1 agreement with the original's greedy answers to held-out prompts,
-``hubprune.chat``; 32 prompts of up to 64 tokens), so that 1.0 means "as good as the
+``hubprune.eval.chat``; 32 prompts of up to 64 tokens), so that 1.0 means "as good as the
 original" each way.
 """
 
@@ -20,7 +20,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from hubprune.config import HealConfig
-from hubprune.evaluate import heldout_windows, perplexity
+from hubprune.eval.chat import chat_fidelity, reference_answers
+from hubprune.eval.evaluate import evaluate_tasks
+from hubprune.eval.perplexity import heldout_windows, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +126,6 @@ class QualityMeter:
         self.windows = heldout_windows(pruner.tokenizer, n_samples=16)
         self.reference = None
         if quality == "chat":
-            from hubprune.chat import reference_answers
-
             self.reference = reference_answers(
                 pruner.model, pruner.tokenizer, n_prompts=CHAT_PROMPTS, max_new_tokens=CHAT_TOKENS, progress=progress
             )
@@ -134,13 +134,9 @@ class QualityMeter:
     def measure_raw(self, model) -> dict:
         result: dict[str, Any] = {"perplexity": perplexity(model, self.windows.ids)}
         if self.quality == "tasks":
-            from hubprune.tasks import evaluate_tasks
-
             scores = evaluate_tasks(model, self.pruner.tokenizer, self.tasks, limit=self.limit, progress=False)
             result["tasks"] = {k: asdict(v) for k, v in scores.tasks.items()}
         if self.quality == "chat":
-            from hubprune.chat import chat_fidelity
-
             fidelity = chat_fidelity(
                 model, self.pruner.model, self.pruner.tokenizer, reference=self.reference, free=False, progress=False
             )

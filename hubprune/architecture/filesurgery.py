@@ -22,13 +22,20 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from hubprune._version import __version__
+from hubprune.architecture.families import NOT_TEXT, family_of, layer_count
+from hubprune.architecture.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
+from hubprune.architecture.surgery import (
+    check_kept_layers,
+    check_layers,
+    refuse_index_dependent_layers,
+    slice_config,
+    slice_copy,
+)
 from hubprune.card import write_card
 from hubprune.config import PruneConfig, Recipe
-from hubprune.families import NOT_TEXT, family_of, layer_count
 from hubprune.io import atomic_output
-from hubprune.perlayer import blocks_shape, copy_blocks, per_layer_dim, per_layer_width
 from hubprune.record import RECIPE_FILE, PruneRecord
-from hubprune.surgery import check_kept_layers, check_layers, refuse_index_dependent_layers, slice_config, slice_copy
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +233,6 @@ def count_checkpoint_parameters(folder: str | Path, removed: Sequence[int]) -> t
 
 
 def _write_record(folder: Path, source: Path, removed: list[int], kept: list[int], num_layers: int) -> None:
-    from hubprune._version import __version__
-
     before, after = count_checkpoint_parameters(source, removed)
     PruneRecord(
         base_model=str(source.resolve()),

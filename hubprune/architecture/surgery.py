@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from hubprune.families import decoder_layers, family_of, set_module, skeleton
-from hubprune.perlayer import cut_per_layer_tensors
+from hubprune.architecture.families import decoder_layers, family_of, set_module, skeleton
+from hubprune.architecture.perlayer import cut_per_layer_tensors
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ decoder layer's weights from the shards just before it runs and frees them right
 so each layer is read once and peak memory is about one layer plus the activations plus
 the embeddings. The residual state entering each layer is normalised and written to a
 temporary file; a last pass reads them back a window at a time and accumulates the same
-statistics as the in-memory scan (``hubprune.scan.PairStats``), so the scores agree.
+statistics as the in-memory scan (``hubprune.methods.scan.PairStats``), so the scores agree.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers, family_of, final_hidden_hook
+from hubprune.architecture.filesurgery import read_header, shard_files
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, family_of, final_hidden_hook
-from hubprune.filesurgery import read_header, shard_files
-from hubprune.scan import PairStats, ScanResult
+from hubprune.methods.scan import PairStats, ScanResult
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def streamed_scan(
     progress: bool = True,
     name: str = "",
 ) -> ScanResult:
-    """The scan of ``hubprune.scan.scan_model``, computed layer by layer from the shards.
+    """The scan of ``hubprune.methods.scan.scan_model``, computed layer by layer from the shards.
 
     Example: ``streamed_scan("Llama-2-70b-hf", calibration_windows(tokenizer)).choose(40)``
     """

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hubprune.filesurgery import _CHUNK, copy_range, read_header, shard_files
+from hubprune.architecture.filesurgery import copy_range, read_header, shard_files
+from hubprune.card import write_card
 from hubprune.io import atomic_output
 from hubprune.record import RECORD_FILE, PruneRecord
 
@@ -36,6 +37,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _PEFT_PREFIX = "base_model.model."
 _REGENERATED = {"README.md", RECORD_FILE}  # written anew in the output, not copied
+_BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows merged at a time
 
 
 def merge_adapter_into_checkpoint(
@@ -66,7 +68,7 @@ def merge_adapter_into_checkpoint(
         )
     state, config = _load_adapter(adapter, lora_config)
     plan = _plan(folder, state, config)  # shard -> {tensor name: (B, A) factors}, every target checked
-    # A sparse checkpoint (hubprune.sparsity) keeps its zeros: the dense delta is masked by them.
+    # A sparse checkpoint (hubprune.methods.sparsity) keeps its zeros: the dense delta is masked by them.
     keep_zeros = (folder / RECORD_FILE).is_file() and bool(PruneRecord.load(folder).sparsity)
     sizes = {shard: (folder / shard).stat().st_size for shard in plan}
 
@@ -82,8 +84,6 @@ def merge_adapter_into_checkpoint(
             finish(tmp)
         if (folder / RECORD_FILE).is_file():
             from dataclasses import replace
-
-            from hubprune.card import write_card
 
             record = PruneRecord.load(folder)
             replace(record, healing=healing if healing is not None else record.healing).save(tmp)
@@ -212,7 +212,7 @@ def _write_merged(f_in, f_out, offset: int, target: tuple, keep_zeros: bool = Fa
     dtype = _DTYPES[info["dtype"]]
     rows, cols = info["shape"]
     row_bytes = cols * torch.finfo(dtype).bits // 8
-    block = max(1, _CHUNK // (cols * 4))
+    block = max(1, _BLOCK_BYTES // (cols * 4))
     for i in range(0, rows, block):
         j = min(rows, i + block)
         f_in.seek(offset + i * row_bytes)

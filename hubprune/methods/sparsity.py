@@ -26,68 +26,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hubprune.architecture.families import decoder_layers, family_of, get_module
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, family_of, get_module
+from hubprune.config import SPARSITY_METHODS, Sparsity, parse_sparsity
 
 logger = logging.getLogger(__name__)
 
-SPARSITY_METHODS = ("magnitude", "wanda")
 FORMAT = "dense: zeros stored in place (no sparse tensor format)"
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class Sparsity:
-    """A target: ``fraction`` of the weights zeroed; ``n``/``m`` set for an N:M pattern (N kept of M)."""
-
-    fraction: float
-    n: int | None = None
-    m: int | None = None
-
-    @property
-    def pattern(self) -> str:
-        return f"{self.n}:{self.m}" if self.m else "unstructured"
-
-    def __str__(self) -> str:
-        return self.pattern if self.m else f"{self.fraction:g}"
-
-
-def parse_sparsity(value) -> Sparsity:
-    """``0.5`` or ``"0.5"`` (a fraction in (0, 1)) or ``"2:4"`` (N kept of every M, N < M); ValueError otherwise.
-
-    Example: ``parse_sparsity("2:4").fraction == 0.5``
-    """
-    if isinstance(value, str):
-        match = _NM.match(value)
-        if match:
-            n, m = int(match[1]), int(match[2])
-            if not 0 < n < m:
-                raise ValueError(
-                    f"sparsity {value!r}: N:M keeps N of every M weights, so 0 < N < M is needed, such as 2:4"
-                )
-            return Sparsity(1 - n / m, n, m)
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(
-                f"sparsity must be a fraction in (0, 1) such as 0.5, or N:M such as 2:4, got {value!r}"
-            ) from None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"sparsity must be a fraction such as 0.5 or a string N:M such as '2:4', got {value!r}")
-    if not 0 < number < 1:
-        hint = " (in YAML, quote an N:M pattern: '2:4')" if isinstance(value, int) and value > 1 else ""
-        raise ValueError(f"sparsity must lie strictly between 0 and 1, got {value!r}{hint}")
-    return Sparsity(number)
 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Module]:

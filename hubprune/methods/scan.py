@@ -27,8 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hubprune._version import __version__
+from hubprune.architecture.families import decoder_layers, final_hidden_hook
+from hubprune.architecture.surgery import drop_layers
 from hubprune.calibration import TokenWindows
-from hubprune.families import decoder_layers, final_hidden_hook
+from hubprune.eval.perplexity import perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +207,6 @@ class PairStats:
             self.windows += 1
 
     def result(self, name: str, windows: TokenWindows, seconds: float) -> ScanResult:
-        from hubprune._version import __version__
-
         L = self.cos_next.numel()
         mean_all, mean_last = self.angle_all / self.tokens, self.angle_last / self.windows
         return ScanResult(
@@ -269,9 +270,6 @@ def scan_model(
 @torch.no_grad()
 def loss_scan(model, windows: TokenWindows, n: int, *, batch_size: int = 4, progress: bool = True) -> list[float]:
     """Calibration perplexity with each block [l, l+n) removed, for l = 0..L-n (L-n+1 passes)."""
-    from hubprune.evaluate import perplexity
-    from hubprune.surgery import drop_layers
-
     L = len(decoder_layers(model))
     if not 1 <= n < L:
         raise ValueError(f"block size {n} is out of range: this model has {L} layers; use 1 to {L - 1}")

@@ -1,4 +1,8 @@
-"""Quality measurements of a model: perplexity on held-out token windows."""
+"""Perplexity on held-out token windows: what ``hubprune eval`` reports beside the tasks.
+
+The held-out text is the default corpus's ``heldout`` split (``hubprune.calibration``), which
+calibration and healing never read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hubprune.calibration import default_corpus, token_windows
+from hubprune.eval.scoring import process_share
+
 
 @torch.no_grad()
 def perplexity(
@@ -18,8 +25,6 @@ def perplexity(
 
     Example: ``perplexity(model, token_windows(tok, default_corpus("wiki", "heldout"), 16, 256).ids)``
     """
-    from hubprune.tasks import process_share
-
     device = next(model.parameters()).device
     rank, world = process_share()
     ids = ids[rank::world]  # under accelerate launch each process takes its share of the windows
@@ -44,8 +49,6 @@ HELDOUT: dict[str, Any] = {"corpus": "wiki", "n_samples": 32, "seq_len": 256}
 def heldout_texts(corpus: str = HELDOUT["corpus"]) -> list[str]:
     """The documents of the default corpus's held-out split: what ``hubprune eval`` measures
     perplexity on, so healing text must never overlap them (``heal(..., eval_texts=...)``)."""
-    from hubprune.calibration import default_corpus
-
     return default_corpus(corpus, "heldout")
 
 
@@ -56,57 +59,4 @@ def heldout_windows(
     seq_len: int = HELDOUT["seq_len"],
 ):
     """Token windows of the default corpus's held-out split (never used for calibration or healing)."""
-    from hubprune.calibration import token_windows
-
     return token_windows(tokenizer, heldout_texts(corpus), n_samples, seq_len, f"{corpus} corpus (heldout split)")
-
-
-def evaluate_model(
-    model,
-    tokenizer,
-    tasks=("arc_easy", "piqa", "hellaswag"),
-    *,
-    limit: int | None = None,
-    sample: int | None = None,
-    heldout: dict | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
-    backend: str = "hubprune",
-    data: dict | None = None,
-):
-    """Held-out perplexity plus zero-shot tasks, as one ``hubprune.tasks.EvalResult``.
-
-    ``backend="lm-eval"`` scores the tasks with lm-evaluation-harness itself (any harness task;
-    ``data`` maps a task to a local copy of its data, see ``hubprune.harness``); the default
-    scores hubprune's built-in tasks the way the harness does.
-
-    Example: ``evaluate_model(model, tokenizer, ["piqa"], limit=200).table()``
-    """
-    from hubprune.tasks import evaluate_tasks
-
-    heldout = {**HELDOUT, **(heldout or {})}
-    if backend == "lm-eval":
-        from hubprune.harness import evaluate_harness
-
-        result = evaluate_harness(
-            model,
-            tokenizer,
-            list(tasks),
-            data=data,
-            limit=limit,
-            sample=sample,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    elif backend == "hubprune":
-        if data:
-            raise ValueError("local task data (--data) is for the lm-eval backend; the built-in tasks bring their own")
-        result = evaluate_tasks(
-            model, tokenizer, tasks, limit=limit, sample=sample, batch_size=batch_size, progress=progress
-        )
-    else:
-        raise ValueError(f"unknown evaluation backend {backend!r}; choose hubprune or lm-eval")
-    windows = heldout_windows(tokenizer, **heldout)
-    result.perplexity = perplexity(model, windows.ids, progress=progress)
-    result.heldout = f"{windows.ids.shape[0]} x {windows.ids.shape[1]} tokens of the {windows.source}"
-    return result

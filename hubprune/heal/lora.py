@@ -1,7 +1,7 @@
 """Heal a pruned model: LoRA (or 4-bit QLoRA) on the kept layers, optionally distilled.
 
 With ``refit`` (the default, when the removed layers and the original are known), each gap
-is first repaired in closed form (``hubprune.refit``); LoRA training then starts from there.
+is first repaired in closed form (``hubprune.heal.refit``); LoRA training then starts from there.
 The loss is ``(1 - distill) * LM + distill * T^2 * KL(teacher || student)`` on the token
 distributions at temperature T; the teacher (the unpruned original) runs once per batch
 without gradients. Training runs on one device or, under ``accelerate launch``, on
@@ -28,11 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from hubprune.calibration import TokenWindows, calibration_windows, check_disjoint
+from hubprune.architecture.families import family_of
+from hubprune.calibration import TokenWindows, check_disjoint
 from hubprune.config import HealConfig
-from hubprune.families import family_of
+from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
+from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
+from hubprune.heal.refit import can_refit, refit_gaps
+from hubprune.methods.sparsity import apply_masks
 
 logger = logging.getLogger(__name__)
+
 
 CHECKPOINT_FILE = "heal_checkpoint.json"  # names its tensors file (safetensors); no pickle is ever loaded
 
@@ -98,7 +103,7 @@ def heal_model(
     world, rank = accelerator.num_processes, accelerator.process_index
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
-    windows = _healing_windows(
+    windows = healing_windows(
         tokenizer, config, data, world, teacher, progress and accelerator.is_local_main_process, student=model
     )
     if eval_texts is not None:
@@ -115,7 +120,7 @@ def heal_model(
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    student = _quantized_copy(model) if config.method == "qlora" else model
+    student = quantized_copy(model) if config.method == "qlora" else model
     student.config.use_cache = False  # type: ignore[union-attr]  # a transformers model
     torch.manual_seed(config.seed)  # the LoRA initialisation; the data order has its own generator
     peft_model = get_peft_model(student, lora)
@@ -154,10 +159,10 @@ def heal_model(
     for step in range(start, config.steps):
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            batch, learn = _batch(windows, step * config.grad_accum + micro, config, rank, world)
+            batch, learn = micro_batch(windows, step * config.grad_accum + micro, config, rank, world)
             batch, learn = batch.to(accelerator.device), None if learn is None else learn.to(accelerator.device)
             with accelerator.accumulate(peft_model):
-                loss = _loss(peft_model, teacher, batch, config, learn)
+                loss = healing_loss(peft_model, teacher, batch, config, learn)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, 1.0)
@@ -190,18 +195,16 @@ def heal_model(
     peft_model = accelerator.unwrap_model(peft_model)
     if adapter_dir is not None and accelerator.is_main_process:
         peft_model.save_pretrained(adapter_dir)
-    loaded_4bit = config.method == "qlora" and _is_4bit(model)
+    loaded_4bit = config.method == "qlora" and is_4bit(model)
     if config.method == "qlora" and not loaded_4bit:  # merge into the full-precision weights, not the 4-bit ones
         adapter = get_peft_model_state_dict(peft_model)
         peft_model = get_peft_model(model, lora)
         set_peft_model_state_dict(peft_model, adapter)
-    # A model loaded in 4-bit (hubprune.qlora) comes back unmerged: its adapter is merged at file level.
+    # A model loaded in 4-bit (hubprune.heal.qlora) comes back unmerged: its adapter is merged at file level.
     if not loaded_4bit:
         _own_base_weights(peft_model)
     healed = peft_model if loaded_4bit else peft_model.merge_and_unload()
     if masks and not loaded_4bit:  # the LoRA delta is dense: zero it where the pruned weights are zero
-        from hubprune.sparsity import apply_masks
-
         apply_masks(healed, masks)
     healed.config.use_cache = True  # type: ignore[union-attr]  # a transformers model
     healed.eval().requires_grad_(False)
@@ -243,7 +246,10 @@ def _own_base_weights(peft_model: nn.Module) -> None:
                     base._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=False)
 
 
-def _loss(model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.Tensor | None = None) -> torch.Tensor:
+def healing_loss(
+    model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(1 - distill) * LM + distill * T^2 * KL(teacher || model)`` of one batch, per learnt token."""
     # `learn` ([B, T] bool, None for all): the tokens to learn; position t is scored when token t+1 is one.
     # Every position goes through the softmax and the unscored ones are masked after: gathering the
     # scored rows first was slower on a CPU (the backward of boolean indexing scatters into [B, T, V]).
@@ -272,9 +278,7 @@ def _refit(
     config: HealConfig,
     progress: bool,
 ) -> dict:
-    """Refit the layer before each gap in place (hubprune.refit) where the config asks and it can be done."""
-    from hubprune.refit import can_refit, refit_gaps
-
+    """Refit the layer before each gap in place (hubprune.heal.refit) where the config asks and it can be done."""
     if not config.refit:
         return {}
     reason = (
@@ -295,123 +299,12 @@ def _refit(
         model,
         teacher,
         removed,
-        windows.ids[: _refit_windows(config)],
+        windows.ids[: refit_window_count(config)],
         ridge=config.refit_ridge,
         batch_size=config.batch_size,
         progress=progress,
     )
     return report.to_dict()
-
-
-def _loss_mask(windows: TokenWindows) -> torch.Tensor:
-    """The windows' loss mask; every token where they have none."""
-    if windows.loss_mask is None:
-        return torch.ones_like(windows.ids, dtype=torch.bool)
-    return windows.loss_mask
-
-
-def _refit_windows(config: HealConfig) -> int:
-    # The refit reads the first refit_tokens of the healing text, in whole windows.
-    return -(-config.refit_tokens // config.seq_len)
-
-
-def _healing_windows(
-    tokenizer,
-    config: HealConfig,
-    data: Any,
-    world: int,
-    teacher: nn.Module | None,
-    progress: bool,
-    student: nn.Module | None = None,
-) -> TokenWindows:
-    needed = config.steps * config.batch_size * config.grad_accum * world
-    if config.refit:
-        needed = max(needed, _refit_windows(config))
-    kind, reason = healing_text(config, tokenizer, data, teacher)
-    logger.info("healing on %s text: %s", kind, reason)
-    prose_count = needed if kind == "prose" else round(config.mix * needed)
-    prose: TokenWindows | None = None
-    if prose_count:
-        sizes = replace(config.data, n_samples=prose_count, seq_len=config.seq_len)
-        prose = calibration_windows(tokenizer, data, sizes, corpus_split="train")
-    if kind == "prose":
-        if prose is None:
-            raise ValueError(f"healing for {config.steps} steps reads no text")
-        windows = prose
-    else:
-        from hubprune.chat import chat_windows, self_chat, student_chat
-
-        conversations = self_chat(
-            teacher, tokenizer, config.chat, count=config.chat.conversations, seed=config.seed, progress=progress
-        )
-        if config.chat.student_answers and student is not None:
-            own = student_chat(
-                student, tokenizer, conversations[: config.chat.student_answers], config.chat, progress=progress
-            )
-            conversations = [c for pair in zip(own, conversations) for c in pair] + conversations[len(own) :]
-        windows = chat_windows(tokenizer, conversations, needed - prose_count, config.seq_len)
-        if prose is not None:  # prose learns every token
-            windows = TokenWindows(
-                torch.cat([windows.ids, prose.ids]),
-                windows.texts + prose.texts,
-                f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
-                torch.cat([_loss_mask(windows), torch.ones_like(prose.ids, dtype=torch.bool)]),
-            )
-    if len(windows.ids) < needed:
-        logger.info(
-            "healing text fills %d windows; %d steps read it %.1f times",
-            len(windows.ids),
-            config.steps,
-            needed / len(windows.ids),
-        )
-    return windows
-
-
-def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | None) -> tuple[str, str]:
-    """What healing reads, "chat" or "prose", and why (``HealConfig.text``)."""
-    from hubprune.chat import has_chat_template
-
-    given = data is not None or any(getattr(config.data, k) is not None for k in ("texts", "files", "dataset"))
-    if config.text == "prose":
-        return "prose", "heal.text is prose"
-    problem = (
-        "the tokenizer has no chat template"
-        if not has_chat_template(tokenizer)
-        else "the original model is not at hand to write the conversations"
-        if teacher is None
-        else None
-    )
-    if config.text == "chat":
-        if problem:
-            raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
-        if given and not config.mix:
-            raise ValueError(
-                "heal.text chat writes its own conversations, but healing text was given too; "
-                "give heal.text prose to heal on that text alone, or heal.mix > 0 to mix it into "
-                "the conversations"
-            )
-        return "chat", "heal.text is chat"
-    if given:
-        return "prose", "healing text was given"
-    if problem:
-        return "prose", problem
-    return "chat", "the model has a chat template (heal.text auto)"
-
-
-def _batch(
-    windows: TokenWindows, index: int, config: HealConfig, rank: int, world: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # Global micro-batch `index` is windows [index*B*world, (index+1)*B*world) of a seeded
-    # permutation per epoch; this process takes its B of them. Pure function of index: resumable.
-    n, size = len(windows.ids), config.batch_size * world
-    positions = [index * size + rank * config.batch_size + i for i in range(config.batch_size)]
-    rows = []
-    for position in positions:
-        epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
-        rows.append(order[offset])
-    picked = torch.stack(rows)
-    return windows.ids[picked], None if windows.loss_mask is None else windows.loss_mask[picked]
 
 
 def _warmup_cosine(warmup: int, total: int):
@@ -504,54 +397,3 @@ def _load_checkpoint(path: Path, key: str) -> dict:
         "optimizer": {"state": state, "param_groups": meta["param_groups"]},
         "scheduler": meta["scheduler"],
     }
-
-
-def require_qlora(device: torch.device | None = None) -> None:
-    # QLoRA runs where bitsandbytes runs 4-bit NF4: a CUDA GPU, or the CPU with a build that has CPU kernels.
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(
-            "heal.method qlora needs the bitsandbytes package (pip install 'hubprune[qlora]'); "
-            "use method: lora without it"
-        )
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not _nf4_on_cpu():
-        raise ValueError(
-            "heal.method qlora needs a CUDA GPU here: this bitsandbytes cannot run 4-bit NF4 on the "
-            "CPU (bitsandbytes 0.50.2 can); use method: lora on a CPU, or upgrade bitsandbytes"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"heal.method qlora runs on a CUDA GPU or the CPU, not on {device}; use method: lora there")
-
-
-def _nf4_on_cpu() -> bool:
-    try:
-        import bitsandbytes.functional as bnb
-
-        packed, state = bnb.quantize_4bit(torch.ones(64, dtype=torch.bfloat16), quant_type="nf4")
-        return bool(torch.allclose(bnb.dequantize_4bit(packed, state).float(), torch.ones(64)))
-    except Exception as err:  # no CPU kernels in this build, or an old release
-        logger.info("bitsandbytes cannot quantize to NF4 on the CPU: %s", err)
-        return False
-
-
-def _is_4bit(model: nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False))
-
-
-def _quantized_copy(model: nn.Module) -> nn.Module:
-    # QLoRA: the (pruned) weights in 4-bit NF4 with bf16 compute, ready for k-bit training. A model
-    # already loaded in 4-bit (hubprune.fourbit.load_4bit) is used as it is; otherwise it is reloaded.
-    from peft import prepare_model_for_kbit_training
-
-    from hubprune.fourbit import load_4bit
-
-    if not _is_4bit(model):
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)  # type: ignore[operator]  # a transformers model
-            device = (
-                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-            )
-            model = load_4bit(tmp, device)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

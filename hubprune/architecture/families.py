@@ -35,7 +35,7 @@ class Family:
     final_norm: str | None = "model.norm"  # None: a post-norm stack with no final norm
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     # The layer's MLP output projection, where its output is added straight to the residual
-    # stream (None where the family normalises it first): what hubprune.refit refits.
+    # stream (None where the family normalises it first): what hubprune.heal.refit refits.
     mlp_out: str | None = "mlp.down_proj"
     # Cache slots (``layer_idx`` values) per decoder layer, where ``num_hidden_layers`` counts slots rather
     # than layers: a LongCat-Flash layer holds two attention sublayers, numbered 2i and 2i + 1.

@@ -3,7 +3,7 @@
 ``hubprune eval --backend lm-eval --tasks NAME[,NAME]``: the model and tokenizer from
 ``hubprune.loading.load_model`` are wrapped in the harness's ``HFLM`` and its ``simple_evaluate``
 runs the named tasks (any registered task, group or tag, or a task YAML file), zero-shot unless
-the task's YAML says otherwise. The results come back as a ``hubprune.tasks.EvalResult``, so
+the task's YAML says otherwise. The results come back as a ``hubprune.eval.results.EvalResult``, so
 the table, ``hubprune.json`` and the model card read them as they read the built-in tasks.
 
 Tasks whose metrics include ``acc`` (output types multiple_choice and loglikelihood) are
@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hubprune.tasks import EvalResult, TaskScore
+from hubprune.eval.results import EvalResult, TaskScore
 
 logger = logging.getLogger(__name__)
 
