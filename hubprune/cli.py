@@ -25,7 +25,7 @@ from pathlib import Path
 from hubprune._version import __version__
 from hubprune.architecture.filesurgery import cut_checkpoint
 from hubprune.card import readme_was_edited, write_card
-from hubprune.config import METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
+from hubprune.config import DTYPES, METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
 from hubprune.eval.chat import chat_fidelity
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.harness import load_tasks, parse_data
@@ -418,7 +418,7 @@ def _parser() -> argparse.ArgumentParser:
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("model", help="Hub id, local transformers folder, or .gguf file")
     model.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    model.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    model.add_argument("--dtype", default="float32", choices=DTYPES)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     model.add_argument(
         "--trust-remote-code", action="store_true", help="run the model repo's own code (off by default)"
@@ -534,7 +534,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument(
         "--dtype",
         default="float32",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="lora only (qlora computes in bfloat16; merged weights keep their stored dtype)",
     )
     heal.add_argument("--device", default="auto")
@@ -579,7 +579,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chat-prompts", type=int, default=128, metavar="N", help="held-out prompts for --chat (128)")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit for --chat (128)")
     ev.add_argument("--out", help="write the results as JSON")
-    ev.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--dtype", default="float32", choices=DTYPES)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_eval)
 

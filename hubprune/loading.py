@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from hubprune.architecture.families import family_of
+from hubprune.architecture.families import family_of, layer_count
 
 logger = logging.getLogger(__name__)
 
@@ -159,11 +159,12 @@ def check_causal_lm(name: str, **kwargs) -> None:
     family_of(config)
 
 
-def num_layers_of(name: str, **kwargs) -> int:
-    """The number of decoder layers a model folder or Hub id declares, read from its config only."""
+def num_layers_of(name: str | Path, **kwargs) -> int:
+    """The number of decoder layers a model folder or Hub id declares, read from its config only
+    (``families.layer_count``: the text config's count, over the cache slots per layer)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name, **kwargs).num_hidden_layers
+    return layer_count(AutoConfig.from_pretrained(name, **kwargs))
 
 
 def gguf_to_folder(path: Path) -> Path:

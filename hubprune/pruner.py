@@ -130,9 +130,7 @@ class LayerPruner:
     @property
     def num_layers(self) -> int:
         if self.streaming:
-            from transformers import AutoConfig
-
-            return AutoConfig.from_pretrained(self._folder).num_hidden_layers
+            return num_layers_of(self._folder)
         return len(decoder_layers(self.model))
 
     def scan(

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from hubprune.config import DTYPES  # one list for the library and the server
+
 ENGINES = ("auto", "transformers", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 BNB_QUANTIZATION = ("8bit", "4bit")  # bitsandbytes, transformers engine
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}$")
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +99,10 @@ def test_sigterm_ends_requests_in_flight_with_an_error_event_and_a_json_503(tmp_
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)] + [threading.Thread(target=plain)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    # Signal only once the server holds all seven: one that had not yet arrived would meet a closed socket.
+    deadline = time.monotonic() + 30
+    while _received(server.url, "tiny-a") < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)
@@ -115,6 +119,13 @@ def test_sigterm_ends_requests_in_flight_with_an_error_event_and_a_json_503(tmp_
             assert status == 200, content[-200:]
     assert cut, "every request finished before the signal: nothing was tested"
     assert all(c["error"]["code"] == "server_shutting_down" for c in cut), cut
+
+
+def _received(url: str, model: str) -> int:
+    """Requests the server has taken for ``model``: answered, running or queued (from /metrics)."""
+    text = httpx.get(url + "/metrics", headers=HEADERS, timeout=10).text
+    pattern = rf'^hubprune_requests(?:_total|_in_flight)\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$'
+    return sum(int(float(v)) for v in re.findall(pattern, text, re.M))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
