@@ -1,11 +1,15 @@
-"""Helpers shared by the benchmarks: a peak-memory sampler, a repeat-and-take-the-median timer, and
-the models the recipe comparisons measure."""
+"""Helpers shared by the benchmarks: a peak-memory sampler, a repeat-and-take-the-median timer, the
+models the recipe comparisons measure, and rows saved as they finish and reused by a rerun."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import torch
@@ -76,3 +80,18 @@ def compared_model(method: str, pruner, recipe, n: int):
         pruned = pruned.heal(recipe.heal)  # the refit, then LoRA distillation: all of the healing budget
         seconds = time.perf_counter() - started
     return pruned.model, pruned.record.removed_layers, seconds, pruned.record.healing
+
+
+def saved_row(path: Path, settings: dict, measure: Callable[[], dict], label: str, fresh: bool = False):
+    """(row, reused): the row saved at ``path`` when it was measured with the same ``settings``
+    (and not ``fresh``), else ``measure()`` plus the settings, written atomically to ``path``."""
+    if path.is_file() and not fresh:
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved, True
+    print(f"== {label}", flush=True)
+    row = {**measure(), "settings": settings}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, path)
+    return row, False

@@ -17,15 +17,13 @@ each under --out) and reused by a rerun with the same settings.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from _common import compared_model
+from _common import compared_model, saved_row
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.eval.chat import chat_fidelity, reference_answers
@@ -153,22 +151,20 @@ def main() -> None:
     pruner.scan(recipe.calibration)
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"recipe": recipe.to_dict(), "sample": args.sample or None, "tasks": list(TASKS),
-                "chat_prompts": args.chat_prompts}
+    healed = {"recipe": recipe.to_dict(), "sample": args.sample or None, "tasks": list(TASKS),
+              "chat_prompts": args.chat_prompts}
+    unhealed = {**healed, "recipe": {k: v for k, v in healed["recipe"].items() if k not in ("heal", "output")}}
     reference = reference_answers(pruner.model, pruner.tokenizer, n_prompts=args.chat_prompts)
     rows = []
     for method, n in [("original", 0)] + [(m, n) for n in sizes for m in methods]:
-        path = out / f"{method}-{n}.json"
-        if path.is_file() and not args.fresh:
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                rows.append(saved)
-                continue
-        print(f"== {METHODS.get(method, 'original')}, n={n}", flush=True)
-        row = {**measure(method, n, pruner, recipe, args.sample or None, reference), "settings": settings}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=1))
-        os.replace(tmp, path)
+        settings = healed if method in ("hubprune", "last") else unhealed  # an unhealed row outlives a heal change
+        row, _ = saved_row(
+            out / f"{method}-{n}.json",
+            settings,
+            lambda: measure(method, n, pruner, recipe, args.sample or None, reference),
+            f"{METHODS.get(method, 'original')}, n={n}",
+            args.fresh,
+        )
         rows.append(row)
     print(f"\n{recipe.model}, {pruner.num_layers} layers; chat prompts: {reference.source}\n")
     print(table(rows))

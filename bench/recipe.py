@@ -17,14 +17,12 @@ Rows are written to --out as they finish (one JSON each) and a rerun reuses them
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
-from _common import compared_model
+from _common import compared_model, saved_row
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.eval.evaluate import evaluate_model
@@ -108,18 +106,11 @@ def main() -> None:
     n = recipe.prune.count(pruner.num_layers)
     rows, reused = {}, set()
     for row in ["original", *[r for r in wanted if r != "original"]]:
-        path = out / f"{row}.json"
-        if path.is_file() and not args.fresh:
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == settings:
-                rows[row] = saved
-                reused.add(row)
-                continue
-        print(f"== {ROWS[row]}", flush=True)
-        rows[row] = {**measure(row, pruner, recipe, n, sample), "settings": settings}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows[row], indent=1))
-        os.replace(tmp, path)
+        rows[row], was_saved = saved_row(
+            out / f"{row}.json", settings, lambda: measure(row, pruner, recipe, n, sample), ROWS[row], args.fresh
+        )
+        if was_saved:
+            reused.add(row)
     print(f"\n{recipe.model}, {n} of {pruner.num_layers} layers removed; recipe {args.recipe}\n")
     print(table(rows, reused))
     refit = rows.get("hubprune", {}).get("refit", {})

@@ -23,14 +23,13 @@ Rows are saved as they finish (one JSON each under --out) and reused by a rerun 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from _common import saved_row
 from frontier import TASKS, decode_speed, load
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.perplexity import heldout_texts
@@ -141,16 +140,8 @@ def main() -> None:
                 "layers": args.layers, "heal_steps": args.heal_steps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    todo = [("original", False)] + [(r, False) for r in rows] + ([(r, True) for r in rows] if heal else [])
-    for row, healed in todo:
-        path = out / f"{row.replace(':', '-')}{'-healed' if healed else ''}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("settings") == {**settings, "heal_steps": args.heal_steps if healed else 0}:
-                results.append(saved)
-                continue
-        print(f"== {row}{' healed' if healed else ''}", flush=True)
+
+    def measure_row(row: str, healed: bool) -> dict:
         seconds = None
         if row == "original":
             model, what = pruner.model, "-"
@@ -162,12 +153,18 @@ def main() -> None:
                 pruned = pruned.heal(heal)
                 seconds = time.perf_counter() - started
             model = pruned.model
-        row_data = {"row": row, "healed": healed, "what": what, "heal_seconds": seconds,
-                    **measure(model, tokenizer, args.sample or None, prompts),
-                    "settings": {**settings, "heal_steps": args.heal_steps if healed else 0}}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row_data, indent=1))
-        os.replace(tmp, path)
+        measured = measure(model, tokenizer, args.sample or None, prompts)
+        return {"row": row, "healed": healed, "what": what, "heal_seconds": seconds, **measured}
+
+    results = []
+    todo = [("original", False)] + [(r, False) for r in rows] + ([(r, True) for r in rows] if heal else [])
+    for row, healed in todo:
+        row_data, _ = saved_row(
+            out / f"{row.replace(':', '-')}{'-healed' if healed else ''}.json",
+            {**settings, "heal_steps": args.heal_steps if healed else 0},
+            lambda: measure_row(row, healed),
+            f"{row}{' healed' if healed else ''}",
+        )
         results.append(row_data)
         print(table(results), flush=True)
     print(f"\n{recipe.model}: {pruner.num_layers} layers; cut of {args.layers} layers; "

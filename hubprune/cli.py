@@ -25,7 +25,16 @@ from pathlib import Path
 from hubprune._version import __version__
 from hubprune.architecture.filesurgery import cut_checkpoint
 from hubprune.card import readme_was_edited, write_card
-from hubprune.config import DTYPES, METRICS, CalibrationConfig, ChatDataConfig, HealConfig, PruneConfig, Recipe
+from hubprune.config import (
+    DTYPES,
+    HEAL_PRECISIONS,
+    METRICS,
+    CalibrationConfig,
+    ChatDataConfig,
+    HealConfig,
+    PruneConfig,
+    Recipe,
+)
 from hubprune.eval.chat import chat_fidelity
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.harness import load_tasks, parse_data
@@ -159,6 +168,7 @@ def cmd_heal(args) -> int:
         text=args.text,
         mix=args.mix,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
+        precision=args.precision,
     )
     h = heal_folder(
         args.folder,
@@ -506,6 +516,13 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the closed-form refit of the layer before each gap (done before LoRA by default)",
     )
     heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
+    heal.add_argument(
+        "--precision",
+        default="auto",
+        choices=HEAL_PRECISIONS,
+        help="arithmetic of the training passes: bfloat16 autocast (auto: where the GPU or CPU computes "
+        "it natively) or float32",
+    )
     heal.add_argument(
         "--text",
         default="auto",

@@ -249,6 +249,7 @@ class PruneConfig:
 
 HEAL_METHODS = ("lora", "qlora")
 HEAL_TEXTS = ("auto", "chat", "prose")
+HEAL_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -329,6 +330,11 @@ class HealConfig:
     original model (as for ``distill``) and is skipped for QLoRA and for families that
     normalise their MLP output (Gemma 2/3, OLMo 2).
 
+    ``precision`` is the arithmetic of the training passes. ``bfloat16`` runs them under
+    autocast (the LoRA weights and the optimizer stay float32); ``auto`` (the default) does so
+    where the hardware computes bfloat16 natively (a CUDA GPU that supports it, a CPU with
+    AVX512-BF16 or AMX) and stays in ``float32`` elsewhere, where bfloat16 would be slower.
+
     Example (YAML)::
 
         heal:
@@ -359,6 +365,7 @@ class HealConfig:
     refit_ridge: float = 1e-3
     checkpoint_every: int = 50
     keep_adapter: bool = False
+    precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -387,6 +394,10 @@ class HealConfig:
             raise ValueError(f"heal.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"heal.temperature must be positive, got {self.temperature}")
+        if self.precision not in HEAL_PRECISIONS:
+            raise ValueError(
+                f"heal.precision {self.precision!r} is unknown; choose one of {', '.join(HEAL_PRECISIONS)}"
+            )
         if self.text not in HEAL_TEXTS:
             raise ValueError(f"heal.text {self.text!r} is unknown; choose one of {', '.join(HEAL_TEXTS)}")
         if isinstance(self.mix, bool) or not isinstance(self.mix, (int, float)) or not 0 <= self.mix < 1:

@@ -74,6 +74,24 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (faster than float32), not by emulation.
+
+    A CUDA GPU that reports bf16 support; a CPU whose flags include AVX512-BF16 or AMX (Linux
+    /proc/cpuinfo; elsewhere False). An AVX2-only CPU converts each bfloat16 operand and runs
+    slower than in float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def cache_dir() -> Path:
     """Where hubprune keeps converted models: $HUBPRUNE_CACHE or ~/.cache/hubprune."""
     root = (

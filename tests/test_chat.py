@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokenizer
+
 from hubprune.config import ChatDataConfig, HealConfig
 from hubprune.eval.chat import chat_fidelity, eval_prompts, loops, reference_answers
 from hubprune.generation import generate, model_fingerprint, render
@@ -176,7 +176,7 @@ def test_chat_healing_refusals(chat_tokenizer, tmp_path):
         healing_text(HealConfig(text="chat"), chat_tokenizer, ["some prose"], original)
     assert healing_text(HealConfig(), chat_tokenizer, ["some prose"], original)[0] == "prose"
     assert healing_text(HealConfig(text="chat", mix=0.3), chat_tokenizer, ["some prose"], original)[0] == "chat"
-    for bad in ({"mix": 1.0}, {"mix": -0.1}, {"text": "poetry"}):
+    for bad in ({"mix": 1.0}, {"mix": -0.1}, {"text": "poetry"}, {"precision": "float16"}):
         with pytest.raises(ValueError, match="heal\\."):
             HealConfig(**bad)
     for bad in ({"conversations": 0}, {"temperature": 0}, {"top_p": 1.5}, {"prompts": ""}):
@@ -204,6 +204,25 @@ def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
     assert torch.allclose(healing_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
     nothing = healing_loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
     assert nothing.item() == 0.0
+
+
+def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradient():
+    from hubprune.heal.lora import scored_logits
+
+    model = tiny_llama(seed=0)
+    batch = torch.randint(3, 300, (2, 16))
+    scored = torch.rand(2, 16) > 0.5
+    full = model(input_ids=batch).logits
+    full[scored].sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    picked = scored_logits(model, batch, scored)
+    assert picked.shape == (int(scored.sum()), full.size(-1))
+    torch.testing.assert_close(picked, full[scored].detach())
+    picked.sum().backward()
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
 
 
 def test_eval_chat_on_a_model_without_a_chat_template_names_the_fallback(tiny_model_dir, tmp_path, capsys):

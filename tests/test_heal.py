@@ -115,7 +115,7 @@ def test_two_processes_under_accelerate_launch_equal_one_with_the_same_global_ba
 
     assert main(["prune", str(tiny_model_dir), "--layers", "1,2", "--out", str(tmp_path / "p"), "-q",
                  "--n-samples", "2", "--seq-len", "16"]) == 0
-    heal = ["heal", str(tmp_path / "p"), "--steps", "3", "--seq-len", "32", "--lr", "0.01", "-q"]
+    heal = ["heal", str(tmp_path / "p"), "--steps", "3", "--seq-len", "32", "--lr", "0.01", "-q", "--precision", "float32"]
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -129,6 +129,31 @@ def test_two_processes_under_accelerate_launch_equal_one_with_the_same_global_ba
     a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_heals_close_to_float32_and_says_so(pruned, monkeypatch):
+    import hubprune.heal.lora as lora
+
+    monkeypatch.setattr(lora, "native_bfloat16", lambda device: False)
+    exact = pruned.heal(HealConfig(**FAST, distill=0.5), progress=False)
+    assert exact.record.healing["precision"] == "float32"  # auto on a CPU without native bfloat16
+    fast = pruned.heal(HealConfig(**FAST, distill=0.5, precision="bfloat16"), progress=False)
+    assert fast.record.healing["precision"] == "bfloat16"
+    assert abs(fast.record.healing["final_loss"] - exact.record.healing["final_loss"]) < 0.05 * exact.record.healing["final_loss"]
+    assert all(p.dtype == torch.float32 for p in fast.model.parameters())  # autocast, not a bfloat16 copy
+    monkeypatch.setattr(lora, "native_bfloat16", lambda device: True)
+    assert pruned.heal(HealConfig(**FAST), progress=False).record.healing["precision"] == "bfloat16"
+
+
+def test_native_bfloat16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import hubprune.loading as loading
+
+    real = loading.Path
+    for flags, expected in (("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(loading, "Path", lambda p, _f=tmp_path / "cpuinfo": _f if p == "/proc/cpuinfo" else real(p))
+        assert loading.native_bfloat16(torch.device("cpu")) is expected
+    assert loading.native_bfloat16(torch.device("meta")) is False
 
 
 def test_recipe_with_healing(tiny_model_dir, tmp_path):

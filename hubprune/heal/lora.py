@@ -34,6 +34,7 @@ from hubprune.config import HealConfig
 from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
 from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
 from hubprune.heal.refit import can_refit, refit_gaps
+from hubprune.loading import native_bfloat16
 from hubprune.methods.sparsity import apply_masks
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class HealReport:
     first_loss: float
     final_loss: float
     resumed_from: int = 0
+    precision: str = "float32"  # what the training passes ran in (heal.precision resolved)
     masked: int = 0  # sparse projections whose zeros were re-applied after the merge
     refit: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -147,11 +149,13 @@ def heal_model(
         logger.info("resuming healing from step %d of %d (%s)", start, config.steps, checkpoint)
 
     peft_model.train()
+    bfloat16 = config.precision == "bfloat16" or (config.precision == "auto" and native_bfloat16(accelerator.device))
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bfloat16)
     tokens_per_step = config.batch_size * config.grad_accum * world * windows.ids.size(1)
     bar = tqdm(
         total=config.steps,
         initial=start,
-        desc=f"heal ({config.method}{', distill' if config.distill else ''})",
+        desc=f"heal ({config.method}{', distill' if config.distill else ''}{', bfloat16' if bfloat16 else ''})",
         unit="step",
         disable=not progress or not accelerator.is_local_main_process,
     )
@@ -161,7 +165,7 @@ def heal_model(
         for micro in range(config.grad_accum):
             batch, learn = micro_batch(windows, step * config.grad_accum + micro, config, rank, world)
             batch, learn = batch.to(accelerator.device), None if learn is None else learn.to(accelerator.device)
-            with accelerator.accumulate(peft_model):
+            with accelerator.accumulate(peft_model), autocast:
                 loss = healing_loss(peft_model, teacher, batch, config, learn)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -218,6 +222,7 @@ def heal_model(
         first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
         resumed_from=start,
+        precision="bfloat16" if bfloat16 else "float32",
         masked=len(masks or {}) if not loaded_4bit else 0,
         refit=refit,
         config=asdict(replace(config, data=None)),  # type: ignore[arg-type]  # the record leaves the data out
@@ -251,23 +256,38 @@ def healing_loss(
 ) -> torch.Tensor:
     """``(1 - distill) * LM + distill * T^2 * KL(teacher || model)`` of one batch, per learnt token."""
     # `learn` ([B, T] bool, None for all): the tokens to learn; position t is scored when token t+1 is one.
-    # Every position goes through the softmax and the unscored ones are masked after: gathering the
-    # scored rows first was slower on a CPU (the backward of boolean indexing scatters into [B, T, V]).
-    # Labels are shifted by padding rather than logits by slicing: no copy of the [B, T, V] logits.
-    logits = model(input_ids=batch, use_cache=False).logits.float()  # [B, T, V]
     scored = torch.ones_like(batch, dtype=torch.bool) if learn is None else learn
     scored = F.pad(scored[:, 1:], (0, 1), value=False)  # the last position predicts nothing
-    labels = F.pad(batch[:, 1:].masked_fill(~scored[:, :-1], -100), (0, 1), value=-100)
+    labels = batch[:, 1:][scored[:, :-1]]
     count = scored.sum().clamp(min=1)  # a batch with nothing to learn adds 0, not NaN
-    lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum") / count
+    logits = scored_logits(model, batch, scored)  # [N, V]
+    lm = F.cross_entropy(logits, labels, reduction="sum") / count
     if not config.distill:
         return lm
     with torch.no_grad():
-        target = teacher(input_ids=batch, use_cache=False).logits.float()
+        target = scored_logits(teacher, batch, scored)
     t = config.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="none")
-    kl = (kl.sum(-1) * scored).sum() / count * t * t  # per scored token
-    return (1 - config.distill) * lm + config.distill * kl
+    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
+    return (1 - config.distill) * lm + config.distill * kl / count * t * t  # per scored token
+
+
+def scored_logits(model, batch: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """float32 logits [N, V] of ``model`` at the N positions where ``scored`` ([B, T] bool) is True.
+
+    The hidden states are gathered before the output projection (a hook on it), so the
+    projection, the softmax and their backward run on the scored positions only; gathering the
+    logits after would scatter the backward into a [B, T, V] gradient.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # "module": under DDP
+
+    def gather(_module, args):
+        return (args[0][scored], *args[1:])
+
+    hook = head.register_forward_pre_hook(gather)
+    try:
+        return model(input_ids=batch, use_cache=False).logits.float()
+    finally:
+        hook.remove()
 
 
 def _refit(
