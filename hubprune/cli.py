@@ -518,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--keep-adapter", action="store_true", help="also save the LoRA adapter in OUT/adapter")
     heal.add_argument(
         "--precision",
-        default="auto",
+        default=HealConfig.precision,
         choices=HEAL_PRECISIONS,
         help="arithmetic of the training passes: bfloat16 autocast (auto: where the GPU or CPU computes "
         "it natively) or float32",
