@@ -223,6 +223,8 @@ def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradien
     for p, g in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
+    model.get_output_embeddings = lambda: torch.nn.Identity()  # a model whose forward bypasses its head
+    torch.testing.assert_close(scored_logits(model, batch, scored), full[scored].detach())
 
 
 def test_eval_chat_on_a_model_without_a_chat_template_names_the_fallback(tiny_model_dir, tmp_path, capsys):

@@ -285,9 +285,10 @@ def scored_logits(model, batch: torch.Tensor, scored: torch.Tensor) -> torch.Ten
 
     hook = head.register_forward_pre_hook(gather)
     try:
-        return model(input_ids=batch, use_cache=False).logits.float()
+        logits = model(input_ids=batch, use_cache=False).logits
     finally:
         hook.remove()
+    return (logits[scored] if logits.dim() == 3 else logits).float()  # [B, T, V]: a model that bypassed its head
 
 
 def _refit(
