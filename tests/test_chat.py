@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 
+from conftest import tiny_llama, tiny_tokenizer
 from hubprune.config import ChatDataConfig, HealConfig
 from hubprune.eval.chat import chat_fidelity, eval_prompts, loops, reference_answers
 from hubprune.generation import generate, model_fingerprint, render
