@@ -17,6 +17,7 @@ hubprune space push user/name --models ORIGINAL PRUNED [--private]   (the compar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -24,7 +25,6 @@ from pathlib import Path
 
 from hubprune._version import __version__
 from hubprune.architecture.filesurgery import cut_checkpoint
-from hubprune.card import readme_was_edited, write_card
 from hubprune.config import (
     DTYPES,
     HEAL_PRECISIONS,
@@ -35,17 +35,11 @@ from hubprune.config import (
     PruneConfig,
     Recipe,
 )
-from hubprune.eval.chat import chat_fidelity
-from hubprune.eval.evaluate import evaluate_model
-from hubprune.eval.harness import load_tasks, parse_data
-from hubprune.eval.tasks import TASKS
-from hubprune.generation import has_chat_template
+from hubprune.eval.folder import evaluate_folder
 from hubprune.heal.folder import heal_folder
 from hubprune.hub import push_folder
-from hubprune.loading import load_model
-from hubprune.methods.sweep import sweep
+from hubprune.methods.sweep import check_sweep, sweep
 from hubprune.pruner import LayerPruner, run_recipe
-from hubprune.record import RECORD_FILE, PruneRecord
 
 logger = logging.getLogger("hubprune")
 
@@ -189,100 +183,33 @@ def cmd_heal(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json as _json
-
-    import torch
-    from accelerate import PartialState
-
-    # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
-    main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    tasks = [t for t in args.tasks.split(",") if t]
-    task_data = None
-    if args.backend == "lm-eval":  # any harness task; names and data are checked before any model is loaded
-        task_data = parse_data(args.data)
-        load_tasks(tasks, task_data)
-    elif args.data:
-        raise ValueError("--data gives local data to harness tasks; add --backend lm-eval")
-    elif unknown := [t for t in tasks if t not in TASKS]:  # before any model is loaded
-        raise ValueError(
-            f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} (or any harness task with --backend lm-eval)"
-        )
-    folder = Path(args.model)
-    record = PruneRecord.load(folder) if (folder / RECORD_FILE).is_file() else None
-    chat = args.chat or args.continuations
-    if chat and record is None:
-        raise ValueError(
-            f"--chat measures a pruned model against its original, and {args.model} has no "
-            f"{RECORD_FILE}; give a folder written by hubprune prune or heal"
-        )
-    if chat and args.no_baseline:
-        raise ValueError("--chat compares with the original, so it cannot be combined with --no-baseline")
-    results = {}
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.chat:
-        if not has_chat_template(tokenizer):
-            raise ValueError(
-                f"{args.model}'s tokenizer has no chat template, so there are no chat answers to "
-                "score; use --continuations (greedy continuations of held-out prose) instead"
-            )
-
-    def score(model, tokenizer):  # the pruned model and its original on the same tasks, the same way
-        return evaluate_model(
-            model,
-            tokenizer,
-            tasks,
-            limit=args.limit,
-            sample=args.sample,
-            progress=not args.quiet,
-            backend=args.backend,
-            data=task_data,
-        )
-
-    results["pruned" if record else "model"] = score(model, tokenizer)
-    if not chat:
-        del model
-    base = None
-    if record and not args.no_baseline:
-        revision = record.base_revision if record.origin.get("kind") == "hub" else None
-        base, base_tokenizer, _ = load_model(
-            record.base_model, revision=revision, dtype=args.dtype, device=args.device
-        )
-        results["original"] = score(base, base_tokenizer)
-    fidelity = None
-    if chat:
-        fidelity = chat_fidelity(
-            model,
-            base,
-            tokenizer,
-            n_prompts=args.chat_prompts,
-            max_new_tokens=args.max_new_tokens,
-            chat=bool(args.chat),
-            progress=not args.quiet,
-        )
-    if not main_process:  # every process evaluated its share; one reports
+    evaluation = evaluate_folder(
+        args.model,
+        [t for t in args.tasks.split(",") if t],
+        limit=args.limit,
+        sample=args.sample,
+        backend=args.backend,
+        data=args.data,
+        baseline=not args.no_baseline,
+        chat=args.chat,
+        continuations=args.continuations,
+        chat_prompts=args.chat_prompts,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if evaluation is None:  # under accelerate launch, another process reports
         return 0
-    if "original" in results:
-        print(results["original"].table(results["pruned"], names=("original", "pruned")))
-    else:
-        print(next(iter(results.values())).table())
-    data = {k: v.to_dict() for k, v in results.items()}
-    if fidelity is not None:
-        print(fidelity.table())
-        data["chat"] = fidelity.to_dict()
+    print(evaluation.table())
     if args.out:
-        Path(args.out).write_text(_json.dumps(data, indent=1))
+        Path(args.out).write_text(json.dumps(evaluation.to_dict(), indent=1))
         print(f"results written to {args.out}")
-    if record is not None and "original" in results:
-        command = "hubprune " + shlex.join(args.argv)
-        record.evaluation = {**data, "heldout": results["pruned"].heldout, "command": command}
-        if args.backend != "hubprune":
-            record.evaluation["backend"] = args.backend
-        record.save(folder)
-        if readme_was_edited(folder):
-            print(f"{folder}/README.md was edited by hand: the record has the results, the card was left alone")
-        else:
-            write_card(folder, repo_id=folder.name)
-            print(f"results added to {folder}/hubprune.json and its model card")
+    card = evaluation.record(args.model, command="hubprune " + shlex.join(args.argv))
+    if card is False:
+        print(f"{args.model}/README.md was edited by hand: the record has the results, the card was left alone")
+    elif card:
+        print(f"results added to {args.model}/hubprune.json and its model card")
     return 0
 
 
@@ -292,9 +219,7 @@ def cmd_sweep(args) -> int:
         raise FileExistsError(f"{out} already exists; choose another folder or pass --overwrite")
     fractions = [float(f) for f in args.fractions.split(",")]
     metrics = [m for m in args.metrics.split(",") if m]
-    for metric in metrics:
-        if metric not in METRICS or metric == "perplexity":
-            raise ValueError(f"sweep metric {metric!r} is not one of angular_last, angular_all, block_influence")
+    check_sweep(fractions, metrics, args.quality)  # before the model is loaded
     heal = HealConfig(steps=args.heal_steps, distill=args.distill) if args.heal_steps else None
     pruner = LayerPruner.from_pretrained(args.model, **_load_options(args))
     pruner.scan(_calibration(args), progress=not args.quiet)

@@ -100,6 +100,18 @@ def test_unknown_metric(tiny_model_dir, tmp_path, capsys):
     _assert_clean_failure(capsys, main(["run", str(recipe)]), tmp_path / "out", "unknown metric 'cosine'")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metrics", "perplexity"], "sweep metric 'perplexity' is not one of angular_last"),
+        (["--fractions", "0.2,1.5"], "in (0, 1), got 1.5"),
+    ],
+)
+def test_sweep_refuses_what_it_cannot_measure_before_loading(tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    _assert_clean_failure(capsys, main(["sweep", str(tmp_path / "no-such-model"), "--out", str(out), *args]), out, message)
+
+
 def test_bad_models(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     _assert_clean_failure(capsys, _prune(tmp_path / "nope", out, "--drop", "1"), out, "does not exist")

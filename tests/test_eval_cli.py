@@ -66,3 +66,24 @@ def test_cli_leaves_the_process_group_before_exiting():
         _leave_process_group(wait=wait)
         assert not dist.is_initialized()
     _leave_process_group(wait=True)  # no group: nothing to do
+
+
+def test_eval_leaves_a_hand_edited_card_alone_and_still_records(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["prune", str(tiny_model_dir), "--layers", "1", "--out", str(out), "-q", "--n-samples", "2",
+                 "--seq-len", "16"]) == 0
+    (out / "README.md").write_text("# my own card\n")
+    assert main(["eval", str(out), "--tasks", "piqa", "--limit", "2", "-q"]) == 0
+    assert "edited by hand" in capsys.readouterr().out
+    assert (out / "README.md").read_text() == "# my own card\n"
+    assert json.loads((out / "hubprune.json").read_text())["evaluation"]["pruned"]["tasks"]["piqa"]["n"] == 2
+
+
+def test_evaluate_folder_in_python_scores_a_plain_model_without_recording(tiny_model_dir):
+    from hubprune.eval.folder import evaluate_folder
+
+    evaluation = evaluate_folder(tiny_model_dir, ["piqa"], limit=2, progress=False)
+    assert list(evaluation.results) == ["model"] and evaluation.chat is None
+    assert evaluation.results["model"].tasks["piqa"].n == 2
+    assert evaluation.record(tiny_model_dir, command="test") is None  # nothing to compare with: nothing written
+    assert not (tiny_model_dir / "hubprune.json").exists()

@@ -1,6 +1,7 @@
 """Measuring a model: the numbers a pruned model is judged on, beside its original's.
 
-- ``evaluate.py``: ``evaluate_model`` (what ``hubprune eval`` runs) and ``evaluate_tasks``.
+- ``folder.py``: ``evaluate_folder``, what ``hubprune eval`` runs: a folder beside its original, recorded.
+- ``evaluate.py``: ``evaluate_model`` (one model: tasks + perplexity) and ``evaluate_tasks``.
 - ``tasks.py``: the built-in zero-shot tasks' data, posed as lm-evaluation-harness poses them.
 - ``scoring.py``: log-likelihoods and acc / acc_norm as the harness's HFLM computes them.
 - ``results.py``: ``TaskScore`` and ``EvalResult``, the scores as recorded and printed.

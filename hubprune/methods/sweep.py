@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hubprune.config import HealConfig
+from hubprune.config import METRICS, HealConfig
 from hubprune.eval.chat import chat_fidelity, reference_answers
 from hubprune.eval.evaluate import evaluate_tasks
 from hubprune.eval.perplexity import heldout_windows, perplexity
@@ -182,6 +182,7 @@ def sweep(
 
     Example: ``sweep(pruner, fractions=(0.1, 0.2, 0.3)).save("out/sweep")``
     """
+    check_sweep(fractions, metrics, quality)
     if pruner.scan_result is None:
         pruner.scan(progress=progress)
     meter = QualityMeter(pruner, quality, tasks, limit, progress)
@@ -194,6 +195,22 @@ def sweep(
         if heal is not None:
             result.points.append(meter.point(pruned.heal(heal, progress=False), metric, healed=True))
     return result
+
+
+def check_sweep(fractions, metrics, quality: str = "perplexity") -> None:
+    """Refuse sweep options that cannot be measured, before any model is loaded (ValueError).
+
+    Example: ``check_sweep((0.1, 0.2), ("angular_last",))``
+    """
+    choices = [m for m in METRICS if m != "perplexity"]  # one extra pass per candidate block, per size
+    for metric in metrics:
+        if metric not in choices:
+            raise ValueError(f"sweep metric {metric!r} is not one of {', '.join(choices)}")
+    for fraction in fractions:
+        if not 0 < fraction < 1:
+            raise ValueError(f"a sweep fraction is the share of layers dropped, in (0, 1), got {fraction}")
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
 
 
 def largest_drop_within(
