@@ -207,7 +207,7 @@ def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
 
 
 def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradient():
-    from hubprune.heal.lora import scored_logits
+    from hubprune.eval.scoring import scored_logits
 
     model = tiny_llama(seed=0)
     batch = torch.randint(3, 300, (2, 16))
@@ -216,7 +216,7 @@ def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradien
     full[scored].sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    picked = scored_logits(model, batch, scored)
+    picked = scored_logits(model, scored, input_ids=batch)
     assert picked.shape == (int(scored.sum()), full.size(-1))
     torch.testing.assert_close(picked, full[scored].detach())
     picked.sum().backward()
@@ -224,7 +224,7 @@ def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradien
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is removed
     model.get_output_embeddings = lambda: torch.nn.Identity()  # a model whose forward bypasses its head
-    torch.testing.assert_close(scored_logits(model, batch, scored), full[scored].detach())
+    torch.testing.assert_close(scored_logits(model, scored, input_ids=batch), full[scored].detach())
 
 
 def test_eval_chat_on_a_model_without_a_chat_template_names_the_fallback(tiny_model_dir, tmp_path, capsys):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hubprune.calibration import default_corpus
+from hubprune.eval.scoring import scored_logits
 from hubprune.eval.tasks import data_root
 from hubprune.generation import (
     Generated,
@@ -276,8 +277,7 @@ def _teacher_forced(
 ) -> tuple[float, float, int]:
     """Sums over answer tokens: top-1 agreement of ``model`` with the answer, and KL(original || model).
 
-    Rows are left-padded so that every answer ends at the right edge: only the last (longest answer + 1)
-    positions need logits (``logits_to_keep``), not the prompts'."""
+    Rows are left-padded; both models' logits are computed at the answer positions only (``scored_logits``)."""
     device = next(model.parameters()).device
     agree, kl, count = 0.0, 0.0, 0
     pairs = sorted(((p, a) for p, a in zip(inputs, answers) if a), key=lambda pa: len(pa[0]) + len(pa[1]))
@@ -285,20 +285,20 @@ def _teacher_forced(
         range(0, len(pairs), batch_size), desc="teacher-forced", unit="batch", disable=not progress, leave=False
     ):
         rows = pairs[b : b + batch_size]
-        width, keep = max(len(p) + len(a) for p, a in rows), max(len(a) for _, a in rows) + 1
+        width = max(len(p) + len(a) for p, a in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
-        scored = torch.zeros(len(rows), keep, dtype=torch.bool)  # kept positions that predict an answer token
+        scored = torch.zeros(len(rows), width, dtype=torch.bool)  # positions that predict an answer token
         for r, (p, a) in enumerate(rows):
             ids[r, width - len(p) - len(a) :] = torch.tensor(p + a)
             mask[r, width - len(p) - len(a) :] = 1
-            scored[r, keep - len(a) - 1 : keep - 1] = True
+            scored[r, width - len(a) - 1 : width - 1] = True
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions, scored = ids.to(device), mask.to(device), positions.to(device), scored.to(device)
-        targets = ids[:, width - keep + 1 :][scored[:, :-1]]
-        inputs_ = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "logits_to_keep": keep}
-        student = F.log_softmax(model(**inputs_).logits[scored].float(), -1)
-        teacher = F.log_softmax(original(**inputs_).logits[scored].float(), -1)
+        targets = ids[:, 1:][scored[:, :-1]]
+        inputs_ = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        student = F.log_softmax(scored_logits(model, scored, **inputs_), -1)
+        teacher = F.log_softmax(scored_logits(original, scored, **inputs_), -1)
         agree += (student.argmax(-1) == targets).sum().item()
         kl += (teacher.exp() * (teacher - student)).sum().item()
         count += len(targets)

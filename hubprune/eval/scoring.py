@@ -29,6 +29,29 @@ _DEFAULT_MAX_LENGTH = 2048  # HFLM's fallback when neither config nor tokenizer 
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
 
 
+def scored_logits(model, scored: torch.Tensor, **inputs) -> torch.Tensor:
+    """float32 logits [N, V] of ``model`` at the N positions where ``scored`` ([B, T] bool) is True,
+    for the model inputs ``inputs`` (``input_ids``, and ``attention_mask``/``position_ids`` if padded).
+
+    The hidden states are gathered before the output projection (a hook on it), so the
+    projection, the softmax and their backward run on the scored positions only; gathering the
+    logits after would scatter the backward into a [B, T, V] gradient.
+
+    Example: ``scored_logits(model, labels != -100, input_ids=ids)``
+    """
+    head = getattr(model, "module", model).get_output_embeddings()  # "module": under DDP
+
+    def gather(_module, args):
+        return (args[0][scored], *args[1:])
+
+    hook = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        hook.remove()
+    return (logits[scored] if logits.dim() == 3 else logits).float()  # [B, T, V]: a model that bypassed its head
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """HFLM's ``_encode_pair``: trailing spaces of the context move to the continuation; the
     continuation's tokens are those of context+continuation after the context's own.

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from hubprune.architecture.families import family_of
 from hubprune.calibration import TokenWindows, check_disjoint
 from hubprune.config import HealConfig
+from hubprune.eval.scoring import scored_logits
 from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
 from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
 from hubprune.heal.refit import can_refit, refit_gaps
@@ -260,35 +261,15 @@ def healing_loss(
     scored = F.pad(scored[:, 1:], (0, 1), value=False)  # the last position predicts nothing
     labels = batch[:, 1:][scored[:, :-1]]
     count = scored.sum().clamp(min=1)  # a batch with nothing to learn adds 0, not NaN
-    logits = scored_logits(model, batch, scored)  # [N, V]
+    logits = scored_logits(model, scored, input_ids=batch)  # [N, V]
     lm = F.cross_entropy(logits, labels, reduction="sum") / count
     if not config.distill:
         return lm
     with torch.no_grad():
-        target = scored_logits(teacher, batch, scored)
+        target = scored_logits(teacher, scored, input_ids=batch)
     t = config.temperature
     kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
     return (1 - config.distill) * lm + config.distill * kl / count * t * t  # per scored token
-
-
-def scored_logits(model, batch: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """float32 logits [N, V] of ``model`` at the N positions where ``scored`` ([B, T] bool) is True.
-
-    The hidden states are gathered before the output projection (a hook on it), so the
-    projection, the softmax and their backward run on the scored positions only; gathering the
-    logits after would scatter the backward into a [B, T, V] gradient.
-    """
-    head = getattr(model, "module", model).get_output_embeddings()  # "module": under DDP
-
-    def gather(_module, args):
-        return (args[0][scored], *args[1:])
-
-    hook = head.register_forward_pre_hook(gather)
-    try:
-        logits = model(input_ids=batch, use_cache=False).logits
-    finally:
-        hook.remove()
-    return (logits[scored] if logits.dim() == 3 else logits).float()  # [B, T, V]: a model that bypassed its head
 
 
 def _refit(
