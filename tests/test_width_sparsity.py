@@ -252,3 +252,62 @@ def test_cli_end_to_end_prune_then_heal(tiny_model_dir, tmp_path, capsys):
     assert main(["run", str(out / "hubprune_recipe.yaml"), "--out", str(tmp_path / "again"), "-q"]) == 0
     again = json.loads((tmp_path / "again" / "hubprune.json").read_text())
     assert again["sparsity"]["mask_sha256"] == json.loads((out / "hubprune.json").read_text())["sparsity"]["mask_sha256"]
+
+
+def _input_norms(model, modules: dict, ids: torch.Tensor) -> dict:
+    """||X_:j|| of each module's inputs in one whole-model pass over ``ids``."""
+    squares = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: squares.__setitem__(
+        n, squares.get(n, 0) + (args[0].flatten(0, -2).double() ** 2).sum(0))) for n, m in modules.items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: s.sqrt().float() for n, s in squares.items()}
+
+
+def _wanda_by_whole_passes(model, target, ids, sequential: bool) -> dict:
+    """The oracle: one whole-model pass per layer, the layers before it already sparse (``sequential``),
+    or every layer scored on the dense model's inputs."""
+    from hubprune.architecture.families import decoder_layers
+    from hubprune.methods.sparsity import _rows, apply_masks, keep_mask
+
+    modules = target_modules(model)
+    norms = _input_norms(model, modules, ids)
+    for index in range(len(decoder_layers(model))):
+        own = {n: m for n, m in modules.items() if f"layers.{index}." in n}
+        if sequential:
+            norms = _input_norms(model, own, ids)
+        apply_masks(model, {n: keep_mask(_rows(m).abs() * norms[n], target, per_row=True) for n, m in own.items()})
+    return masks_from_zeros(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_wanda_scores_each_layer_on_the_outputs_of_the_sparse_layers_before_it(family):
+    """Layer by layer equals one whole-model pass per layer (layers before it already sparse), and
+    differs from scoring every layer on the dense model's inputs. Gemma 3's sliding-window layers
+    get their own attention mask when run one at a time."""
+    import copy
+
+    from arch_coverage import build
+
+    from hubprune.calibration import TokenWindows
+    from hubprune.methods.sparsity import sparsify
+
+    if family == "llama":
+        model = tiny_llama(num_layers=4, seed=3)
+    else:
+        config, model, _ = build("gemma3_text")
+        config.sliding_window = 4  # narrower than the windows, so the layer types' masks differ
+        model = type(model)(config).eval()
+    torch.manual_seed(0)
+    windows = TokenWindows(torch.randint(3, 100, (3, 16)), [], "random tokens")
+    target = parse_sparsity(0.5)
+    expected = _wanda_by_whole_passes(copy.deepcopy(model), target, windows.ids, sequential=True)
+    one_pass = _wanda_by_whole_passes(copy.deepcopy(model), target, windows.ids, sequential=False)
+    sparsify(model, target, "wanda", windows, batch_size=2, progress=False)
+    got = masks_from_zeros(model)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name
+    assert any(not torch.equal(one_pass[n], got[n]) for n in got)  # the sequential pass changes some masks

@@ -5,9 +5,10 @@ Scores, for a weight matrix ``W`` ([out, in]) and calibration inputs ``X`` ([tok
 - ``magnitude``: ``|W_ij|``; unstructured sparsity ``s`` zeroes the ``round(s * out * in)``
   smallest of the whole matrix;
 - ``wanda`` (Sun et al. 2023): ``|W_ij| * ||X_:j||_2``; unstructured sparsity zeroes the
-  ``round(s * in)`` lowest scores of each output row. ``X`` is the input each projection
-  sees in one pass of the (already depth- or width-pruned) dense model over the calibration
-  text (the paper's code feeds each layer the outputs of the layers pruned before it).
+  ``round(s * in)`` lowest scores of each output row. As in the paper's code, layers are pruned
+  one after another: ``X`` is what each projection sees when the calibration text has passed
+  through the layers sparsified before it (``wanda_masks``); the projections of one layer are
+  scored together, on that layer's dense input.
 
 ``N:M`` (e.g. ``2:4``) keeps the N highest scores in every group of M consecutive inputs of a
 row, the pattern NVIDIA's sparse tensor cores run. Embeddings, the LM head and routers are
@@ -61,12 +62,8 @@ def _rows(module: Any) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-@torch.no_grad()
-def input_norms(
-    model: nn.Module, names: list[str], windows: TokenWindows, batch_size: int = 4, progress: bool = True
-) -> dict[str, torch.Tensor]:
-    """``||X_:j||_2`` of every input feature j of each named projection, over the calibration tokens."""
-    squares: dict[str, torch.Tensor] = {}
+def _square_sums(modules: dict[str, nn.Module], squares: dict[str, torch.Tensor]) -> list:
+    """Hooks adding the squares of each named module's inputs, per input feature, into ``squares``."""
 
     def hook(name):
         def fn(module, args):
@@ -75,15 +72,75 @@ def input_norms(
 
         return fn
 
-    handles = [get_module(model, n).register_forward_pre_hook(hook(n)) for n in names]
+    return [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, windows: TokenWindows, batch_size: int = 4, progress: bool = True) -> list:
+    """One dense pass over ``windows``: per batch, the first decoder layer's hidden states and, per
+    layer, the other arguments it was called with (masks, rotary embeddings; a sliding-window layer
+    gets its own mask), so that each layer can be run again on its own."""
+    layers = decoder_layers(model)
+    calls: list = []
+
+    def capture(index):
+        def fn(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            for cache in ("past_key_values", "past_key_value"):  # use_cache=False: nothing to carry
+                kwargs.pop(cache, None)
+            calls[-1][1].append((args[1:], {**kwargs, "use_cache": False}))
+            if index == 0:
+                calls[-1][0] = hidden.detach()
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(windows.ids), batch_size), desc="wanda activations", disable=not progress):
+        for start in tqdm(range(0, len(windows.ids), batch_size), desc="layer inputs", disable=not progress):
+            calls.append([None, []])
             model(input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {n: s.sqrt() for n, s in squares.items()}
+    return calls
+
+
+@torch.no_grad()
+def wanda_masks(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    target: Sparsity,
+    windows: TokenWindows,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Wanda layer by layer (the paper's ``prune_wanda``): score one layer's projections on its inputs,
+    zero them in place, and run the layer again to give the next layer the sparse layer's outputs."""
+    calls = layer_inputs(model, windows, batch_size, progress)
+    hidden = [call[0] for call in calls]
+    prefix = family_of(model).layers
+    masks: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc=f"wanda {target}", disable=not progress)):
+        own = {n: m for n, m in modules.items() if n.startswith(f"{prefix}.{index}.")}
+        squares: dict[str, torch.Tensor] = {}
+        handles = _square_sums(own, squares)
+        try:
+            for b, call in enumerate(calls):
+                layer(hidden[b], *call[1][index][0], **call[1][index][1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, module in own.items():
+            w = _rows(module).float()
+            mask = keep_mask(w.abs() * squares[name].sqrt().float().to(w.device), target, per_row=True)
+            masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
+        apply_masks(model, {n: masks[n] for n in own})
+        for b, call in enumerate(calls):  # the sparse layer's outputs are the next layer's inputs
+            out = layer(hidden[b], *call[1][index][0], **call[1][index][1])
+            hidden[b] = out[0] if isinstance(out, tuple) else out
+    return masks
 
 
 def keep_mask(score: torch.Tensor, target: Sparsity, per_row: bool) -> torch.Tensor:
@@ -124,17 +181,15 @@ def sparsify(
     if method not in SPARSITY_METHODS:
         raise ValueError(f"sparsity method {method!r} is unknown; choose one of {', '.join(SPARSITY_METHODS)}")
     modules = target_modules(model)
-    norms: dict[str, torch.Tensor] = {}
     if method == "wanda":
         if windows is None:
             raise ValueError("wanda sparsity needs calibration windows (its score weighs |W| by the input norms)")
-        norms = input_norms(model, list(modules), windows, batch_size, progress)
-    masks = {}
-    for name, module in tqdm(modules.items(), desc=f"{method} {target}", disable=not progress):
-        w = _rows(module).float()
-        score = w.abs() * norms[name].float().to(w.device) if method == "wanda" else w.abs()
-        mask = keep_mask(score, target, per_row=method == "wanda")
-        masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
+        masks = wanda_masks(model, modules, target, windows, batch_size, progress)
+    else:
+        masks = {}
+        for name, module in tqdm(modules.items(), desc=f"{method} {target}", disable=not progress):
+            mask = keep_mask(_rows(module).float().abs(), target, per_row=False)
+            masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
     apply_masks(model, masks)
     report = {"target": str(target), "pattern": target.pattern, "method": method, **mask_summary(masks)}
     report["format"] = FORMAT
