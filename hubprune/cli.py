@@ -28,6 +28,7 @@ from hubprune.architecture.filesurgery import cut_checkpoint
 from hubprune.config import (
     DTYPES,
     HEAL_PRECISIONS,
+    HEAL_TEXTS,
     METRICS,
     CalibrationConfig,
     ChatDataConfig,
@@ -154,7 +155,7 @@ def cmd_heal(args) -> int:
         seq_len=args.seq_len,
         learning_rate=args.lr,
         lora_r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
+        lora_alpha=args.lora_alpha,
         distill=args.distill,
         keep_adapter=args.keep_adapter,
         refit=not args.no_refit,
@@ -428,13 +429,16 @@ def _parser() -> argparse.ArgumentParser:
         choices=["lora", "qlora"],
         help="qlora: load the folder in 4-bit NF4 (never in full precision), merge at file level",
     )
-    heal.add_argument("--steps", type=int, default=200)
-    heal.add_argument("--batch-size", type=int, default=4)
-    heal.add_argument("--grad-accum", type=int, default=1)
-    heal.add_argument("--seq-len", type=int, default=256)
-    heal.add_argument("--lr", type=float, default=2e-4)
-    heal.add_argument("--lora-r", type=int, default=8)
-    heal.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the original, in [0, 1]")
+    heal.add_argument("--steps", type=int, default=HealConfig.steps)
+    heal.add_argument("--batch-size", type=int, default=HealConfig.batch_size)
+    heal.add_argument("--grad-accum", type=int, default=HealConfig.grad_accum)
+    heal.add_argument("--seq-len", type=int, default=HealConfig.seq_len)
+    heal.add_argument("--lr", type=float, default=HealConfig.learning_rate)
+    heal.add_argument("--lora-r", type=int, default=HealConfig.lora_r)
+    heal.add_argument("--lora-alpha", type=int, default=HealConfig.lora_alpha, help="LoRA scale numerator (alpha / r)")
+    heal.add_argument(
+        "--distill", type=float, default=HealConfig.distill, help="weight of the KL to the original, in [0, 1]"
+    )
     heal.add_argument(
         "--no-refit",
         action="store_true",
@@ -450,12 +454,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     heal.add_argument(
         "--text",
-        default="auto",
-        choices=["auto", "chat", "prose"],
+        default=HealConfig.text,
+        choices=HEAL_TEXTS,
         help="chat: conversations the original writes itself (the default for models with a chat "
         "template); prose: --data, --dataset or --corpus text",
     )
-    heal.add_argument("--mix", type=float, default=0.0, help="share of prose windows mixed into chat healing")
+    heal.add_argument(
+        "--mix", type=float, default=HealConfig.mix, help="share of prose windows mixed into chat healing"
+    )
     heal.add_argument(
         "--conversations",
         type=int,

@@ -90,12 +90,13 @@ def test_cli_heal_with_distillation_and_adapter(tiny_model_dir, tmp_path, capsys
     assert main(["prune", str(tiny_model_dir), "--layers", "1,2", "--out", str(tmp_path / "p"), "-q",
                  "--n-samples", "2", "--seq-len", "16"]) == 0
     rc = main(["heal", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--steps", "4", "--batch-size", "2",
-               "--seq-len", "32", "--distill", "0.5", "--keep-adapter", "-q"])
+               "--seq-len", "32", "--distill", "0.5", "--lora-r", "4", "--lora-alpha", "12", "--keep-adapter", "-q"])
     assert rc == 0, capsys.readouterr().err
     assert "healed 4 steps (lora+distill)" in capsys.readouterr().out
     assert (tmp_path / "h" / "adapter" / "adapter_config.json").is_file()
     record = json.loads((tmp_path / "h" / "hubprune.json").read_text())
     assert record["removed_layers"] == [1, 2] and record["healing"]["steps"] == 4
+    assert (record["healing"]["config"]["lora_r"], record["healing"]["config"]["lora_alpha"]) == (4, 12)
     assert not list(tmp_path.glob(".h.heal-checkpoints"))
     assert main(["heal", str(tmp_path / "p"), "--out", str(tmp_path / "h"), "--steps", "4", "-q"]) == 2
     assert "already exists" in capsys.readouterr().err
