@@ -1,9 +1,10 @@
 """Healing speed against a plain peft LoRA training loop on the same model and batches.
 
-    .venv/bin/python bench/heal.py [--model MODEL] [--steps 8] [--drop 6] [--distill 0.5]
+    .venv/bin/python bench/heal.py [--model MODEL] [--steps 8] [--drop 6] [--distill 0.5] [--precision bfloat16]
 
 Both sides train the same LoRA (r=8 on the family's projections) of the same pruned
-model on the same windows, batch 4 x 256, AdamW; the plain side is the loop a peft user
+model on the same prose windows, batch 4 x 256, AdamW, in the same arithmetic (--precision:
+float32, or both under bfloat16 autocast); the plain side is the loop a peft user
 writes by hand (``model(input_ids, labels=input_ids).loss.backward()``). Prints tokens/s
 of each (medians of interleaved runs), their ratio (goal >= 0.95), and the peak memory each adds. With --distill the
 hubprune side also runs the teacher (reported as a separate line, not in the ratio).
@@ -41,10 +42,12 @@ def plain_peft(model, windows, config: HealConfig) -> float:
     peft_model.train()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=config.learning_rate)
     device = next(model.parameters()).device
+    bf16 = config.precision == "bfloat16"
     started, tokens = time.perf_counter(), 0
     for step in range(config.steps):
         batch = micro_batch(windows, step, config, 0, 1)[0].to(device)
-        loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--distill", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each side")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="both sides")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -74,10 +78,11 @@ def main() -> None:
     pruner.scan(n_samples=8, progress=False)
     pruned = pruner.prune(n_layers=args.drop)
     device = next(pruned.model.parameters()).device
-    config = HealConfig(steps=args.steps, warmup_steps=0)
+    same = dict(warmup_steps=0, text="prose", refit=False, precision=args.precision)  # no teacher: prose, no refit
+    config = HealConfig(steps=args.steps, **same)
     windows = healing_windows(pruned.tokenizer, config, None, 1, teacher=None, progress=False)  # prose, as heal_model's
 
-    warm = HealConfig(steps=1, warmup_steps=0)  # first-call allocations and lazy imports, on both sides
+    warm = HealConfig(steps=1, **same)  # first-call allocations and lazy imports, on both sides
     hubprune_heal(pruned, warm)
     plain_peft(copy_sharing_weights(pruned.model), windows, warm)
     sides = {"hubprune heal (LoRA)": lambda: hubprune_heal(pruned, config),
@@ -91,11 +96,11 @@ def main() -> None:
     rows = {name: (statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for name, rs in runs.items()}
     if args.distill:
         with PeakMemory(device) as peak:
-            speed = hubprune_heal(pruned, HealConfig(steps=args.steps, warmup_steps=0, distill=args.distill), pruner.model)
+            speed = hubprune_heal(pruned, HealConfig(steps=args.steps, distill=args.distill, **same), pruner.model)
         rows[f"hubprune heal (LoRA + distill {args.distill})"] = (speed, peak.peak_mib)
 
     print(f"model {args.model}, {pruner.num_layers} -> {pruner.num_layers - args.drop} layers, on {device}, "
-          f"torch threads {torch.get_num_threads()}; batch {config.batch_size} x {config.seq_len}, {args.steps} steps each")
+          f"torch threads {torch.get_num_threads()}, {args.precision}; batch {config.batch_size} x {config.seq_len}, {args.steps} steps each")
     print(f"{'run':36s} {'tokens/s (median)':>17s} {'each run':>22s} {'peak extra MiB':>15s}")
     for name, (speed, mib) in rows.items():
         each = ", ".join(f"{r[0]:.0f}" for r in runs.get(name, []))

@@ -368,10 +368,16 @@ def _parser() -> argparse.ArgumentParser:
     calib = model.add_argument_group("calibration")
     calib.add_argument("--calibration", nargs="+", metavar="FILE", help="text files (default: the offline corpus)")
     calib.add_argument("--dataset", help="a datasets name or save_to_disk folder with a 'text' column")
-    calib.add_argument("--corpus", default="wiki", help="offline default corpus: wiki, c4, tiny, code, technical")
-    calib.add_argument("--n-samples", type=int, default=32, help="calibration windows (default 32)")
-    calib.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    calib.add_argument("--batch-size", type=int, default=4)
+    calib.add_argument(
+        "--corpus", default=CalibrationConfig.corpus, help="offline default corpus: wiki, c4, tiny, code, technical"
+    )
+    calib.add_argument(
+        "--n-samples", type=int, default=CalibrationConfig.n_samples, help="calibration windows (default %(default)s)"
+    )
+    calib.add_argument(
+        "--seq-len", type=int, default=CalibrationConfig.seq_len, help="tokens per window (default %(default)s)"
+    )
+    calib.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
 
     scan = sub.add_parser("scan", parents=[common, model], help="score every block of layers")
     scan.add_argument("--out", help="write the scan as JSON")
