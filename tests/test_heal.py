@@ -247,3 +247,15 @@ def test_models_load_without_hub_kernels(tiny_model_dir):
     assert pruner.model.use_kernels is False
     healed = pruner.prune(layers=[1]).heal(HealConfig(**{**FAST, "steps": 1}))
     assert healed.model.use_kernels is False
+
+
+def test_the_bitsandbytes_hub_kernel_notice_is_dropped_and_nothing_else(caplog):
+    import logging
+
+    import hubprune.heal  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure", "offline")
+        logger.warning("a real bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real bitsandbytes problem"]
