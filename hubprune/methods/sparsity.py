@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,13 +76,27 @@ def _square_sums(modules: dict[str, nn.Module], squares: dict[str, torch.Tensor]
     return [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
 
 
+@dataclass
+class LayerCalls:
+    """One calibration batch, ready to be run layer by layer: the first decoder layer's hidden
+    states, and per layer the other arguments the model called it with."""
+
+    hidden: torch.Tensor
+    arguments: list[tuple[tuple, dict]] = field(default_factory=list)
+
+    def run(self, layer: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.arguments[index]
+        out = layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
-def layer_inputs(model: nn.Module, windows: TokenWindows, batch_size: int = 4, progress: bool = True) -> list:
-    """One dense pass over ``windows``: per batch, the first decoder layer's hidden states and, per
-    layer, the other arguments it was called with (masks, rotary embeddings; a sliding-window layer
-    gets its own mask), so that each layer can be run again on its own."""
-    layers = decoder_layers(model)
-    calls: list = []
+def layer_calls(
+    model: nn.Module, windows: TokenWindows, batch_size: int = 4, progress: bool = True
+) -> list[LayerCalls]:
+    """One dense pass over ``windows`` that records how each layer is called (masks, rotary
+    embeddings; a sliding-window layer gets its own mask), so that each can be run again on its own."""
+    batches: list[LayerCalls] = []
 
     def capture(index):
         def fn(module, args, kwargs):
@@ -89,22 +104,22 @@ def layer_inputs(model: nn.Module, windows: TokenWindows, batch_size: int = 4, p
             hidden = args[0] if args else kwargs.pop("hidden_states")
             for cache in ("past_key_values", "past_key_value"):  # use_cache=False: nothing to carry
                 kwargs.pop(cache, None)
-            calls[-1][1].append((args[1:], {**kwargs, "use_cache": False}))
             if index == 0:
-                calls[-1][0] = hidden.detach()
+                batches.append(LayerCalls(hidden.detach()))
+            batches[-1].arguments.append((args[1:], {**kwargs, "use_cache": False}))
 
         return fn
 
+    layers = decoder_layers(model)
     handles = [layer.register_forward_pre_hook(capture(i), with_kwargs=True) for i, layer in enumerate(layers)]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(windows.ids), batch_size), desc="layer inputs", disable=not progress):
-            calls.append([None, []])
             model(input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return calls
+    return batches
 
 
 @torch.no_grad()
@@ -116,10 +131,11 @@ def wanda_masks(
     batch_size: int = 4,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Wanda layer by layer (the paper's ``prune_wanda``): score one layer's projections on its inputs,
-    zero them in place, and run the layer again to give the next layer the sparse layer's outputs."""
-    calls = layer_inputs(model, windows, batch_size, progress)
-    hidden = [call[0] for call in calls]
+    """Wanda layer by layer (the paper's ``prune_wanda``): score one layer's projections on its
+    inputs, zero them in place, and run the layer again so that the next layer reads the sparse
+    layer's outputs. Returns the masks (True = kept), already applied."""
+    batches = layer_calls(model, windows, batch_size, progress)
+    hidden = [batch.hidden for batch in batches]
     prefix = family_of(model).layers
     masks: dict[str, torch.Tensor] = {}
     for index, layer in enumerate(tqdm(decoder_layers(model), desc=f"wanda {target}", disable=not progress)):
@@ -127,8 +143,8 @@ def wanda_masks(
         squares: dict[str, torch.Tensor] = {}
         handles = _square_sums(own, squares)
         try:
-            for b, call in enumerate(calls):
-                layer(hidden[b], *call[1][index][0], **call[1][index][1])
+            for batch, h in zip(batches, hidden):
+                batch.run(layer, index, h)
         finally:
             for handle in handles:
                 handle.remove()
@@ -137,9 +153,7 @@ def wanda_masks(
             mask = keep_mask(w.abs() * squares[name].sqrt().float().to(w.device), target, per_row=True)
             masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
         apply_masks(model, {n: masks[n] for n in own})
-        for b, call in enumerate(calls):  # the sparse layer's outputs are the next layer's inputs
-            out = layer(hidden[b], *call[1][index][0], **call[1][index][1])
-            hidden[b] = out[0] if isinstance(out, tuple) else out
+        hidden = [batch.run(layer, index, h) for batch, h in zip(batches, hidden)]  # the next layer's inputs
     return masks
 
 
@@ -184,13 +198,13 @@ def sparsify(
     if method == "wanda":
         if windows is None:
             raise ValueError("wanda sparsity needs calibration windows (its score weighs |W| by the input norms)")
-        masks = wanda_masks(model, modules, target, windows, batch_size, progress)
+        masks = wanda_masks(model, modules, target, windows, batch_size, progress)  # applied layer by layer
     else:
         masks = {}
         for name, module in tqdm(modules.items(), desc=f"{method} {target}", disable=not progress):
             mask = keep_mask(_rows(module).float().abs(), target, per_row=False)
             masks[name] = mask.t() if type(module).__name__ == "Conv1D" else mask
-    apply_masks(model, masks)
+        apply_masks(model, masks)
     report = {"target": str(target), "pattern": target.pattern, "method": method, **mask_summary(masks)}
     report["format"] = FORMAT
     if windows is not None and method == "wanda":
