@@ -11,12 +11,14 @@ chat fidelity on held-out prompts (top-1 agreement with the original's greedy an
 share of answers that loop; plain continuations for a base model); and batch-1 greedy decode
 speed against the original's. Prints one table and writes a plot (kept above chance and chat
 agreement against layers removed, one line per method). Rows are saved as they finish (one JSON
-each under --out) and reused by a rerun with the same settings.
+each under --out) and reused by a rerun with the same settings; the table and plot also take the
+saved rows of earlier runs with the same settings (another --n or --methods).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -166,6 +168,12 @@ def main() -> None:
             args.fresh,
         )
         rows.append(row)
+    measured = {(r["method"], r["n"]) for r in rows}
+    for path in sorted(out.glob("*.json")):  # rows of other runs with the same settings join the table and plot
+        row = json.loads(path.read_text())
+        same = row.get("settings") == (healed if row.get("method") in ("hubprune", "last") else unhealed)
+        if same and (row["method"], row["n"]) not in measured:
+            rows.append(row)
     print(f"\n{recipe.model}, {pruner.num_layers} layers; chat prompts: {reference.source}\n")
     print(table(rows))
     plot(rows, out / "frontier.png", f"{recipe.model}: {pruner.num_layers} layers")
