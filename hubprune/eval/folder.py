@@ -28,13 +28,14 @@ class FolderEvaluation:
     """The scores of one ``evaluate_folder`` call.
 
     ``results`` maps ``"pruned"`` and ``"original"`` (a hubprune folder, with its baseline) or
-    ``"model"`` (any other model) to an ``EvalResult``; ``chat`` is the chat fidelity, when asked.
+    ``"model"`` (any other model) to an ``EvalResult``; ``chat`` is the chat fidelity, when asked;
+    ``prune_record`` the folder's hubprune.json as read before the evaluation (None for other models).
     """
 
     results: dict[str, EvalResult]
     chat: ChatFidelity | None = None
     backend: str = "hubprune"
-    record_of: PruneRecord | None = field(default=None, repr=False)
+    prune_record: PruneRecord | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         data = {name: result.to_dict() for name, result in self.results.items()}
@@ -54,14 +55,14 @@ class FolderEvaluation:
         them) and re-render its card. Returns True when the card was rewritten, False when it was
         edited by hand and left alone, None when there is nothing to record (no hubprune.json, or
         no original measured beside it)."""
-        if self.record_of is None or "original" not in self.results:
+        if self.prune_record is None or "original" not in self.results:
             return None
         folder = Path(folder)
         evaluation = {**self.to_dict(), "heldout": self.results["pruned"].heldout, "command": command}
         if self.backend != "hubprune":
             evaluation["backend"] = self.backend
-        self.record_of.evaluation = evaluation
-        self.record_of.save(folder)
+        self.prune_record.evaluation = evaluation
+        self.prune_record.save(folder)
         if readme_was_edited(folder):
             return False
         write_card(folder, repo_id=folder.name)
