@@ -71,7 +71,7 @@ class FolderEvaluation:
 
 def evaluate_folder(
     model: str | os.PathLike,
-    tasks: list[str],
+    tasks: list[str] | str,
     *,
     limit: int | None = None,
     sample: int | None = None,
@@ -101,6 +101,7 @@ def evaluate_folder(
     from accelerate import PartialState
 
     # Every check below runs before a model is loaded.
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     task_data = None
     if backend == "lm-eval":  # any harness task; names and data are checked here
         task_data = parse_data(data)
