@@ -275,15 +275,18 @@ def test_zy_a_vllm_process_killed_mid_stream_ends_the_stream_with_an_error_event
         text = first + b"".join(events)
     assert text.rstrip().endswith(b"data: [DONE]"), text[-300:]
     errors = [json.loads(e[6:]) for e in text.split(b"\n\n") if e.startswith(b'data: {"error"')]
-    assert errors and errors[0]["error"]["code"] == "engine_unavailable", text[-300:]
     health = httpx.get(server.url + "/health", timeout=30)  # the router sees the dead engine (and reaps it)
     assert health.status_code == 503 and health.json()["models"] == {"tiny-a": True, "tiny-b": False}
+    if not errors and b'"finish_reason":"length"' in text:  # all 120 tokens were out before SIGSTOP landed
+        pytest.skip("the engine finished the answer before it could be stopped: the mid-stream path did not run")
+    assert errors and errors[0]["error"]["code"] == "engine_unavailable", text[-300:]
 
 
 def test_zz_sigterm_stops_the_server_and_every_engine_process(server, engine):
     children = psutil.Process(server.process.pid).children(recursive=True)
     if engine == "vllm":
-        assert sum("vllm" in " ".join(c.cmdline()) for c in children) >= 2
+        running = [c for c in children if c.status() != psutil.STATUS_ZOMBIE]  # a killed engine may await reaping
+        assert sum("vllm" in " ".join(c.cmdline()) for c in running) >= 2
     assert server.stop(timeout=90) == 0
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"processes left behind: {alive}"
