@@ -47,6 +47,11 @@ class PruneRecord:
     def num_layers(self) -> int:
         return len(self.kept_layers)
 
+    @property
+    def original_revision(self) -> str | None:
+        """The revision to load ``base_model`` at: the pruned commit for a Hub model, None for a local one."""
+        return self.base_revision if self.origin.get("kind") == "hub" else None
+
     def summary(self) -> str:
         """One line: layers, width, sparsity and parameters before -> after."""
         parts = []

@@ -142,8 +142,9 @@ def evaluate_folder(
         del pruned
     original = None
     if record is not None and baseline:
-        revision = record.base_revision if record.origin.get("kind") == "hub" else None
-        original, original_tokenizer, _ = load_model(record.base_model, revision=revision, dtype=dtype, device=device)
+        original, original_tokenizer, _ = load_model(
+            record.base_model, revision=record.original_revision, dtype=dtype, device=device
+        )
         results["original"] = score(original, original_tokenizer)
     fidelity = None
     if fidelity_asked:

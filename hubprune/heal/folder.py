@@ -82,10 +82,9 @@ def heal_folder(
 def load_teacher(record: PruneRecord, *, dtype: str, device: str, required: bool) -> nn.Module | None:
     """The original the record names, at the revision it was pruned from; where it cannot be loaded,
     None (healing then skips the refit) unless ``required`` (distillation cannot do without it)."""
-    revision = record.base_revision if record.origin.get("kind") == "hub" else None
     logger.info("loading the original model %s as the teacher", record.base_model)
     try:
-        teacher, _, _ = load_model(record.base_model, revision=revision, dtype=dtype, device=device)
+        teacher, _, _ = load_model(record.base_model, revision=record.original_revision, dtype=dtype, device=device)
     except (OSError, ValueError) as err:
         if required:
             raise

@@ -107,7 +107,7 @@ def heal_checkpoint(
 
 
 def _load_teacher(record: PruneRecord, device: torch.device) -> nn.Module:
-    revision = record.base_revision if record.origin.get("kind") == "hub" else None
+    revision = record.original_revision
     found, _ = locate(record.base_model, revision=revision)
     logger.info("loading the original model %s in 4-bit as the distillation teacher", record.base_model)
     return load_4bit(found, device, revision=revision).eval().requires_grad_(False)
