@@ -39,7 +39,7 @@ from hubprune.config import (
 from hubprune.eval.folder import evaluate_folder
 from hubprune.heal.folder import heal_folder
 from hubprune.hub import push_folder
-from hubprune.methods.sweep import check_sweep, sweep
+from hubprune.methods.sweep import QUALITIES, check_sweep, sweep
 from hubprune.pruner import LayerPruner, run_recipe
 
 logger = logging.getLogger("hubprune")
@@ -406,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--quality",
         default="perplexity",
-        choices=["perplexity", "tasks", "chat"],
+        choices=QUALITIES,
         help="what --max-quality-loss measures: held-out perplexity, zero-shot tasks, or chat "
         "answers (top-1 agreement with the original's)",
     )
@@ -540,7 +540,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", parents=[common, model], help="quality against the fraction of layers dropped")
     sw.add_argument("--fractions", default="0.1,0.2,0.3,0.4,0.5")
     sw.add_argument("--metrics", default="angular_last,block_influence")
-    sw.add_argument("--quality", default="perplexity", choices=["perplexity", "tasks", "chat"])
+    sw.add_argument("--quality", default="perplexity", choices=QUALITIES)
     sw.add_argument("--tasks", default="arc_easy,piqa,hellaswag")
     sw.add_argument("--limit", type=int, default=200, help="questions per task when --quality tasks")
     sw.add_argument("--heal-steps", type=int, default=0, help="also heal each point for this many steps")

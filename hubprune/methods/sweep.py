@@ -114,8 +114,7 @@ class QualityMeter:
         limit: int | None = 200,
         progress: bool = True,
     ):
-        if quality not in QUALITIES:
-            raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+        check_quality(quality)
         self.pruner, self.quality, self.tasks, self.limit, self.progress = (
             pruner,
             quality,
@@ -197,6 +196,12 @@ def sweep(
     return result
 
 
+def check_quality(quality: str) -> None:
+    """ValueError unless ``quality`` is one of QUALITIES."""
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+
+
 def check_sweep(fractions, metrics, quality: str = "perplexity") -> None:
     """Refuse sweep options that cannot be measured, before any model is loaded (ValueError).
 
@@ -209,8 +214,7 @@ def check_sweep(fractions, metrics, quality: str = "perplexity") -> None:
     for fraction in fractions:
         if not 0 < fraction < 1:
             raise ValueError(f"a sweep fraction is the share of layers dropped, in (0, 1), got {fraction}")
-    if quality not in QUALITIES:
-        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
+    check_quality(quality)
 
 
 def largest_drop_within(
