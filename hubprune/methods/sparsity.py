@@ -115,7 +115,10 @@ def layer_calls(
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(windows.ids), batch_size), desc="layer inputs", disable=not progress):
-            model(input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False)
+            # The decoder stack alone (as the refit's passes): the LM head's logits are not needed here.
+            model.base_model(  # type: ignore[operator]  # a transformers model
+                input_ids=windows.ids[start : start + batch_size].to(device), use_cache=False
+            )
     finally:
         for handle in handles:
             handle.remove()
