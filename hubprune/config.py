@@ -470,14 +470,19 @@ class Recipe:
         Path(path).write_text(self.to_yaml())
 
 
+def reject_unknown(data: dict, known: set[str], where: str) -> None:
+    """Refuse a key of ``data`` outside ``known`` (a YAML typo), naming it and the known keys.
+    The one check for recipes and the server's serve.yaml."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise TypeError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r}; known keys are {', '.join(sorted(known))}")
+    reject_unknown(data, {f.name for f in dataclasses.fields(cls)}, where)
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from hubprune.config import DTYPES  # one list for the library and the server
+from hubprune.config import DTYPES, reject_unknown  # one list and one key check for the library and the server
 
 ENGINES = ("auto", "transformers", "vllm")
 BNB_QUANTIZATION = ("8bit", "4bit")  # bitsandbytes, transformers engine
@@ -146,7 +146,7 @@ class ServeConfig:
             raise ValueError(f"{path} must hold a mapping with a models: list, got {type(data).__name__}")
         if "api_key" in data:
             raise ValueError(f"{path}: api_key is not read from files; pass --api-key or set HUBPRUNE_API_KEY")
-        _reject_unknown(data, cls, str(path))
+        reject_unknown(data, {f.name for f in fields(cls)} - {"api_key"}, str(path))
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 
@@ -190,15 +190,8 @@ def _spec(data) -> ModelSpec:
         return parse_model_arg(data)
     if not isinstance(data, dict):
         raise TypeError(f"each models: entry is a mapping (name, path, ...) or a path string, got {data!r}")
-    _reject_unknown(data, ModelSpec, f"model {data.get('name') or data.get('path')}")
+    reject_unknown(data, {f.name for f in fields(ModelSpec)}, f"model {data.get('name') or data.get('path')}")
     return ModelSpec(**data)
-
-
-def _reject_unknown(data: dict, cls, where: str) -> None:
-    known = {f.name for f in fields(cls)} - {"api_key"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
 
 
 def _positive_int(what: str, value) -> None:

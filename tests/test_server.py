@@ -316,7 +316,7 @@ def test_config_errors_are_refused_before_anything_starts(tmp_path, tiny_dirs, c
     bad = tmp_path / "serve.yaml"
     bad.write_text(yaml.safe_dump({"models": [{"path": str(tiny_dirs["tiny-a"]), "max_len": 8}]}))
     assert main(["serve", "--config", str(bad)]) == 2
-    assert "unknown keys ['max_len']" in capsys.readouterr().err
+    assert "unknown key 'max_len'" in capsys.readouterr().err
     bad.write_text(yaml.safe_dump({"api_key": "sk-x", "models": [str(tiny_dirs["tiny-a"])]}))
     assert main(["serve", "--config", str(bad)]) == 2
     assert "HUBPRUNE_API_KEY" in capsys.readouterr().err
