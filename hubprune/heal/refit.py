@@ -112,7 +112,7 @@ def refit_gaps(
     report = RefitReport(ridge=ridge)
     started = time.perf_counter()
     gaps = [(start, end) for start, end in gaps_of(removed, num_layers) if start > 0]
-    bar = tqdm(total=2 * len(gaps) * len(windows), desc="refit", unit="window", disable=not progress)
+    bar = tqdm(total=2 * len(gaps) * len(windows), desc="refit", unit="window", disable=not progress or not gaps)
     for start, end in gaps:
         layer_index = kept.index(start - 1)  # the pruned model's layer that now feeds the gap
         targets = _states_entering(original, end, windows, batch_size, bar)  # [tokens, D]
