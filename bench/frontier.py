@@ -4,8 +4,11 @@
 
 For each n: hubprune's recipe (the recipe's layer choice, refit and healing; the recipe's heal
 section with n in place of its count), Gromov et al.'s angular block unhealed, ShortGPT's Block
-Influence unhealed, and the last n layers with the recipe's own healing. Columns: ARC-Easy, PIQA,
-HellaSwag acc_norm (harness-style, --sample N evenly spaced questions of each) and the share of
+Influence unhealed, and the last n layers with the recipe's own healing; and, healed the same
+way, cuts of as many parameters as n layers made otherwise: every MLP narrowed ("width"), n // 2
+layers and the MLPs narrowed for the rest ("depth+width"), or as many weights zeroed by Wanda and
+stored dense ("wanda"; bench/width.py also has 50 % and 2:4). Columns: ARC-Easy, PIQA, HellaSwag
+acc_norm (harness-style, --sample N evenly spaced questions of each) and the share of
 the original's accuracy above chance kept; held-out prose perplexity against the original's;
 chat fidelity on held-out prompts (top-1 agreement with the original's greedy answers, KL, the
 share of answers that loop; plain continuations for a base model); and batch-1 greedy decode
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import compared_model, saved_row
+from _common import CUT_ROWS, HEALED, compared_model, cut_plans, saved_row
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.eval.chat import chat_fidelity, reference_answers
@@ -39,6 +42,9 @@ METHODS = {
     "angular": "Gromov angular block, no healing",
     "block_influence": "ShortGPT Block Influence, no healing",
     "last": "last n layers + the same healing",
+    "width": "MLP width, the same cut + the same healing",
+    "depth+width": "n/2 layers + MLP width + the same healing",
+    "wanda": "Wanda zeros, as many + the same healing",
 }
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2": ROOT / "recipes" / "smollm2-24l.yaml", "gemma3": None}
@@ -76,8 +82,23 @@ def measure(method: str, n: int, pruner: LayerPruner, recipe: Recipe, sample: in
     result = evaluate_model(model, pruner.tokenizer, TASKS, sample=sample)
     fidelity = chat_fidelity(model, pruner.model, pruner.tokenizer, reference=reference)
     speed = decode_speed(model, pruner.tokenizer, reference.inputs[:4])
-    return {"method": method, "n": n, "removed": removed, "heal_seconds": heal_seconds, "result": result.to_dict(),
-            "chat": fidelity.to_dict(), "decode_tokens_per_second": speed}
+    cut = cut_plans(pruner, n)[CUT_ROWS[method]] if method in CUT_ROWS else None
+    return {"method": method, "n": n, "removed": removed, "cut": cut, "heal_seconds": heal_seconds,
+            "result": result.to_dict(), "chat": fidelity.to_dict(), "decode_tokens_per_second": speed}
+
+
+def what_was_cut(row: dict) -> str:
+    """The table's "removed" cell: the layers (0-based) and, for an equal-cut row, the MLP width or zeros."""
+    removed = row["removed"]
+    span = (f"{removed[0]}-{removed[-1]}" if removed and removed == list(range(removed[0], removed[-1] + 1))
+            else ",".join(map(str, removed)))
+    cut = row.get("cut") or {}
+    parts = [span] if span else []
+    if "mlp_width" in cut:
+        parts.append(f"MLPs x{cut['mlp_width']:.3f}")
+    if "sparsity" in cut:
+        parts.append(f"{cut['sparsity']:.1%} zeros")
+    return " + ".join(parts) or "-"
 
 
 def table(rows: list[dict]) -> str:
@@ -88,10 +109,7 @@ def table(rows: list[dict]) -> str:
     lines = [header]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
         result = EvalResult.from_dict(r["result"])
-        removed = r["removed"]
-        span = (f"{removed[0]}-{removed[-1]}" if removed and removed == list(range(removed[0], removed[-1] + 1))
-                else ",".join(map(str, removed)) or "-")
-        lines.append((METHODS.get(r["method"], "original"), str(r["n"]), span,
+        lines.append((METHODS.get(r["method"], "original"), str(r["n"]), what_was_cut(r),
                       *(f"{result.tasks[t].acc_norm:.3f}" for t in TASKS), f"{result.retention(base, TASKS):.1%}",
                       f"{result.perplexity / base.perplexity:.2f}x", f"{r['chat']['top1_agreement']:.3f}",
                       f"{r['chat']['kl']:.3f}", f"{r['chat']['loop_rate']:.0%}",
@@ -124,7 +142,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axes[0].set_ylabel("accuracy above chance kept (ARC-E, PIQA, HellaSwag)")
     axes[1].set_ylabel("chat top-1 agreement with the original")
     for ax in axes:
-        ax.set_xlabel("layers removed")
+        ax.set_xlabel("layers removed (or as many parameters)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -159,7 +177,7 @@ def main() -> None:
     reference = reference_answers(pruner.model, pruner.tokenizer, n_prompts=args.chat_prompts)
     rows = []
     for method, n in [("original", 0)] + [(m, n) for n in sizes for m in methods]:
-        settings = healed if method in ("hubprune", "last") else unhealed  # an unhealed row outlives a heal change
+        settings = healed if method in HEALED else unhealed  # an unhealed row outlives a heal change
         row, _ = saved_row(
             out / f"{method}-{n}.json",
             settings,
@@ -171,7 +189,7 @@ def main() -> None:
     measured = {(r["method"], r["n"]) for r in rows}
     for path in sorted(out.glob("*.json")):  # rows of other runs with the same settings join the table and plot
         row = json.loads(path.read_text())
-        same = row.get("settings") == (healed if row.get("method") in ("hubprune", "last") else unhealed)
+        same = row.get("settings") == (healed if row.get("method") in HEALED else unhealed)
         if same and (row["method"], row["n"]) not in measured:
             rows.append(row)
     print(f"\n{recipe.model}, {pruner.num_layers} layers; chat prompts: {reference.source}\n")

@@ -29,52 +29,13 @@ from pathlib import Path
 
 import torch
 
-from _common import saved_row
+from _common import count, cut_plans, nonzero, saved_row
 from frontier import TASKS, decode_speed, load
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.perplexity import heldout_texts
 from hubprune.eval.results import EvalResult
-from hubprune.methods.sparsity import target_modules
 
 ROWS = ("depth", "width", "depth+width", "wanda-equal", "wanda-50", "wanda-2:4")
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def nonzero(model) -> int:
-    return sum(int((p != 0).sum()) for p in model.parameters())
-
-
-def width_for(model, cut: int, layers_kept: int) -> float:
-    """The MLP width (share of neurons kept) that removes ``cut`` parameters from ``model`` with
-    ``layers_kept`` layers: each neuron is a row of gate and up and a column of down."""
-    mlp = model.model.layers[0].mlp
-    size = mlp.up_proj.out_features
-    per_neuron = sum(p.in_features for p in (mlp.gate_proj, mlp.up_proj)) + mlp.down_proj.out_features
-    return (size - cut / (layers_kept * per_neuron)) / size
-
-
-def plans(pruner, n: int) -> dict[str, dict]:
-    """Each row's prune() arguments, at the parameter cut of removing n layers."""
-    # Parameter counts do not depend on which layers go: the first n stand in (no scan needed).
-    total = count(pruner.model)
-    cut = total - count(pruner.prune(layers=list(range(n))).model)
-    half = n // 2
-    after_half = count(pruner.prune(layers=list(range(half))).model)
-    linear = sum(m.weight.numel() for m in target_modules(pruner.model).values())
-    return {
-        "depth": {"n_layers": n},
-        "width": {"mlp_width": width_for(pruner.model, cut, pruner.num_layers)},
-        "depth+width": {
-            "n_layers": half,
-            "mlp_width": width_for(pruner.model, after_half - (total - cut), pruner.num_layers - half),
-        },
-        "wanda-equal": {"sparsity": round(cut / linear, 4)},
-        "wanda-50": {"sparsity": 0.5},
-        "wanda-2:4": {"sparsity": "2:4"},
-    }
 
 
 def kwargs_needs_scan(row: str) -> bool:
@@ -131,7 +92,7 @@ def main() -> None:
         pruner.calibrate(recipe.calibration)  # the same windows the scan would read
     tokenizer = pruner.tokenizer
     prompts = [tokenizer(text[:200]).input_ids for text in heldout_texts()[:4]]
-    kwargs = plans(pruner, args.layers)
+    kwargs = cut_plans(pruner, args.layers)
     heal = None
     if args.heal_steps:  # the recipe's healing cut short, its warm-up shortened with it
         warmup = min(recipe.heal.warmup_steps, args.heal_steps // 5)
