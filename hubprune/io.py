@@ -26,18 +26,21 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, protect: tu
             continue
         folder = Path(source).expanduser().resolve()
         if target == folder:
-            raise ValueError(f"output folder {out} is the source model's folder; choose another --out")
+            raise ValueError(f"output folder {out} is the source model's folder; choose another output folder")
         if folder in target.parents:
             raise ValueError(
-                f"output folder {out} lies inside the source model's folder {source}; choose an --out outside it"
+                f"output folder {out} lies inside the source model's folder {source}; "
+                "choose an output folder outside it"
             )
         if target in folder.parents:
             raise ValueError(
                 f"output folder {out} contains the source model's folder {source}, which replacing "
-                "it would delete; choose another --out"
+                "it would delete; choose another output folder"
             )
     if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder {out} already exists; choose another one or pass --overwrite")
+        raise FileExistsError(
+            f"output folder {out} already exists; choose another one or pass overwrite=True (--overwrite)"
+        )
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if out.exists() and not _written_by_hubprune(out):

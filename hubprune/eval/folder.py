@@ -107,7 +107,9 @@ def evaluate_folder(
         task_data = parse_data(data)
         load_tasks(tasks, task_data)
     elif data:
-        raise ValueError("--data gives local data to harness tasks; add --backend lm-eval")
+        raise ValueError(
+            'local task data (--data) is for the harness tasks; pass backend="lm-eval" (--backend lm-eval)'
+        )
     elif unknown := [t for t in tasks if t not in TASKS]:
         raise ValueError(
             f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} (or any harness task with --backend lm-eval)"
@@ -121,7 +123,9 @@ def evaluate_folder(
             f"{RECORD_FILE}; give a folder written by hubprune prune or heal"
         )
     if fidelity_asked and not baseline:
-        raise ValueError("--chat compares with the original, so it cannot be combined with --no-baseline")
+        raise ValueError(
+            "chat fidelity (--chat) compares with the original, so it needs the baseline (no --no-baseline)"
+        )
 
     # Initialises torch.distributed under accelerate launch (gloo on a CPU-only machine).
     main_process = PartialState(cpu=not torch.cuda.is_available()).is_main_process

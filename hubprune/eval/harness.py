@@ -39,7 +39,7 @@ _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parqu
 def require_harness() -> None:
     """Raise ModuleNotFoundError, saying how to install it, where lm-evaluation-harness is missing."""
     if importlib.util.find_spec("lm_eval") is None:
-        raise ModuleNotFoundError(f"--backend lm-eval needs lm-evaluation-harness; install it with {INSTALL}")
+        raise ModuleNotFoundError(f"the lm-eval backend needs lm-evaluation-harness; install it with {INSTALL}")
 
 
 def parse_data(items: Sequence[str] | None) -> dict[str, Path]:

@@ -50,7 +50,9 @@ def healing_text(config: HealConfig, tokenizer, data: Any, teacher: nn.Module | 
     )
     if config.text == "chat":
         if problem:
-            raise ValueError(f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose)")
+            raise ValueError(
+                f"heal.text chat cannot be done: {problem}; use heal.text prose (--text prose on the command line)"
+            )
         if given and not config.mix:
             raise ValueError(
                 "heal.text chat writes its own conversations, but healing text was given too; "

@@ -57,28 +57,28 @@ def check_narrowable(model: Any) -> int:  # a transformers model (its config, it
     experts = [k for k in _EXPERT_KEYS if (getattr(config, k, 0) or 0) > 1]
     if experts:
         raise ValueError(
-            f"--mlp-width cannot narrow {name}: its MLPs are mixture-of-experts ({experts[0]}="
-            f"{getattr(config, experts[0])}); narrowing experts is not supported, use --drop or --sparsity"
+            f"mlp_width cannot narrow {name}: its MLPs are mixture-of-experts ({experts[0]}="
+            f"{getattr(config, experts[0])}); narrowing experts is not supported, drop layers or use sparsity instead"
         )
     size = getattr(config, "intermediate_size", None)
     if not isinstance(size, int) or isinstance(size, bool):
         raise ValueError(
-            f"--mlp-width cannot narrow {name}: its config has no single integer intermediate_size "
-            f"(got {size!r}); use --drop or --sparsity"
+            f"mlp_width cannot narrow {name}: its config has no single integer intermediate_size "
+            f"(got {size!r}); drop layers or use sparsity instead"
         )
     for index, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
         found: dict[str, Any] = {p: getattr(mlp, p, None) for p in _PROJECTIONS}
         if mlp is None or not all(isinstance(found[p], nn.Linear) for p in ("up_proj", "down_proj")):
             raise ValueError(
-                f"--mlp-width cannot narrow {name}: layer {index} has no MLP with up_proj and down_proj "
-                "linear layers (fused or Conv1D projections are not supported); use --drop or --sparsity"
+                f"mlp_width cannot narrow {name}: layer {index} has no MLP with up_proj and down_proj "
+                "linear layers (fused or Conv1D projections are not supported); drop layers or use sparsity instead"
             )
         if found["gate_proj"] is not None and not isinstance(found["gate_proj"], nn.Linear):
-            raise ValueError(f"--mlp-width cannot narrow {name}: layer {index}'s gate_proj is not a linear layer")
+            raise ValueError(f"mlp_width cannot narrow {name}: layer {index}'s gate_proj is not a linear layer")
         if found["up_proj"].out_features != size or found["down_proj"].in_features != size:
             raise ValueError(
-                f"--mlp-width cannot narrow {name}: layer {index}'s MLP is {found['up_proj'].out_features} wide, "
+                f"mlp_width cannot narrow {name}: layer {index}'s MLP is {found['up_proj'].out_features} wide, "
                 f"not the config's intermediate_size {size}"
             )
     return size
