@@ -44,7 +44,7 @@ METHODS = {
     "last": "last n layers + the same healing",
     "width": "MLP width, the same cut + the same healing",
     "depth+width": "n/2 layers + MLP width + the same healing",
-    "wanda": "Wanda zeros, as many + the same healing",
+    "wanda": "Wanda zeros, as many (stored dense) + the same healing",
 }
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2": ROOT / "recipes" / "smollm2-24l.yaml", "gemma3": None}
@@ -145,10 +145,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         points = sorted((r["n"], r) for r in rows if r["method"] == method)
         if not points:
             continue
-        ns = [0] + [n for n, _ in points]
-        kept = [1.0] + [EvalResult.from_dict(r["result"]).retention(base, TASKS) for _, r in points]
-        agree = [1.0] + [r["chat"]["top1_agreement"] for _, r in points]
-        style = "s--" if method in CUT_ROWS else "o-"  # the equal-cut rows: as many parameters, not layers
+        # The equal-cut rows (as many parameters, not layers) are drawn apart: squares, dashed,
+        # and not joined to the original's point, so a single n is not read as a line.
+        start = [] if method in CUT_ROWS else [(0, {})]
+        ns = [n for n, _ in start + points]
+        kept = [EvalResult.from_dict(r["result"]).retention(base, TASKS) if r else 1.0 for _, r in start + points]
+        agree = [r["chat"]["top1_agreement"] if r else 1.0 for _, r in start + points]
+        style = "s--" if method in CUT_ROWS else "o-"
         axes[0].plot(ns, kept, style, label=label)
         axes[1].plot(ns, agree, style, label=label)
     axes[0].set_ylabel("accuracy above chance kept (ARC-E, PIQA, HellaSwag)")
