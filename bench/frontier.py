@@ -11,8 +11,8 @@ stored dense ("wanda"; bench/width.py also has 50 % and 2:4). Columns: ARC-Easy,
 acc_norm (harness-style, --sample N evenly spaced questions of each) and the share of
 the original's accuracy above chance kept; held-out prose perplexity against the original's;
 chat fidelity on held-out prompts (top-1 agreement with the original's greedy answers, KL, the
-share of answers that loop; plain continuations for a base model); and batch-1 greedy decode
-speed against the original's. Prints one table and writes a plot (kept above chance and chat
+share of answers that loop; plain continuations for a base model); batch-1 greedy decode
+speed against the original's, timed beside the row; and the weights' memory as stored. Prints one table and writes a plot (kept above chance and chat
 agreement against layers removed, one line per method). Rows are saved as they finish (one JSON
 each under --out) and reused by a rerun with the same settings; the table and plot also take the
 saved rows of earlier runs with the same settings (another --n or --methods).
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CUT_ROWS, HEALED, compared_model, cut_plans, saved_row
+from _common import CUT_ROWS, HEALED, compared_model, count, cut_plans, nonzero, saved_row
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.eval.chat import chat_fidelity, reference_answers
@@ -88,7 +88,15 @@ def measure(method: str, n: int, pruner: LayerPruner, recipe: Recipe, sample: in
     cut = cut_plans(pruner, n)[CUT_ROWS[method]] if method in CUT_ROWS else None
     return {"method": method, "n": n, "removed": removed, "cut": cut, "heal_seconds": heal_seconds,
             "result": result.to_dict(), "chat": fidelity.to_dict(), "decode_tokens_per_second": speed,
-            "original_decode_tokens_per_second": original_speed}
+            "original_decode_tokens_per_second": original_speed, "parameters": count(model), "nonzero": nonzero(model),
+            "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6}
+
+
+def stored(row: dict) -> str:
+    """The weights' memory as stored, with the nonzero parameters (rows saved before it was kept: "-")."""
+    if "weights_mb" not in row:
+        return "-"
+    return f"{row['weights_mb']:.0f} ({row['nonzero'] / 1e6:.1f}M)"
 
 
 def speed_ratio(row: dict, original: dict) -> float:
@@ -116,7 +124,7 @@ def table(rows: list[dict]) -> str:
     original = next(r for r in rows if r["method"] == "original")
     base = EvalResult.from_dict(original["result"])
     header = ("method", "n", "removed", *TASKS, "kept above chance", "ppl ratio", "chat top-1", "chat KL",
-              "loops", "decode speed", "heal time")
+              "loops", "decode speed", "weights MB (nonzero)", "heal time")
     lines = [header]
     for r in sorted(rows, key=lambda r: (r["n"], list(METHODS).index(r["method"]) if r["method"] in METHODS else -1)):
         result = EvalResult.from_dict(r["result"])
@@ -124,7 +132,7 @@ def table(rows: list[dict]) -> str:
                       *(f"{result.tasks[t].acc_norm:.3f}" for t in TASKS), f"{result.retention(base, TASKS):.1%}",
                       f"{result.perplexity / base.perplexity:.2f}x", f"{r['chat']['top1_agreement']:.3f}",
                       f"{r['chat']['kl']:.3f}", f"{r['chat']['loop_rate']:.0%}",
-                      f"{speed_ratio(r, original):.2f}x",
+                      f"{speed_ratio(r, original):.2f}x", stored(r),
                       f"{r['heal_seconds'] / 60:.1f} min" if r["heal_seconds"] else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
