@@ -72,6 +72,15 @@ def nonzero(model) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
+def size(model) -> dict:
+    """A row's size columns: parameters stored, nonzero parameters, and the weights' memory in MB."""
+    return {
+        "parameters": count(model),
+        "nonzero": nonzero(model),
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
+    }
+
+
 def width_for(model, cut: int, layers_kept: int) -> float:
     """The MLP width (share of neurons kept) that removes ``cut`` parameters from ``model`` with
     ``layers_kept`` layers: each neuron is a row of gate and up and a column of down."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _common import CUT_ROWS, HEALED, compared_model, count, cut_plans, nonzero, saved_row
+from _common import CUT_ROWS, HEALED, compared_model, cut_plans, saved_row, size
 from hubprune import LayerPruner
 from hubprune.config import Recipe
 from hubprune.eval.chat import chat_fidelity, reference_answers
@@ -88,8 +88,7 @@ def measure(method: str, n: int, pruner: LayerPruner, recipe: Recipe, sample: in
     cut = cut_plans(pruner, n)[CUT_ROWS[method]] if method in CUT_ROWS else None
     return {"method": method, "n": n, "removed": removed, "cut": cut, "heal_seconds": heal_seconds,
             "result": result.to_dict(), "chat": fidelity.to_dict(), "decode_tokens_per_second": speed,
-            "original_decode_tokens_per_second": original_speed, "parameters": count(model), "nonzero": nonzero(model),
-            "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6}
+            "original_decode_tokens_per_second": original_speed, **size(model)}
 
 
 def stored(row: dict) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from _common import count, cut_plans, nonzero, saved_row
+from _common import cut_plans, saved_row, size
 from frontier import TASKS, decode_speed, load
 from hubprune.eval.evaluate import evaluate_model
 from hubprune.eval.perplexity import heldout_texts
@@ -47,9 +47,7 @@ def measure(model, tokenizer, sample: int | None, prompts: list[list[int]]) -> d
     return {
         "result": result.to_dict(),
         "decode_tokens_per_second": decode_speed(model, tokenizer, prompts),
-        "parameters": count(model),
-        "nonzero": nonzero(model),
-        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
+        **size(model),
     }
 
 
