@@ -61,7 +61,10 @@ def load(model: str, recipe_path: str | None) -> tuple[LayerPruner, Recipe]:
             path.parent.mkdir(parents=True, exist_ok=True)
             assemble(path)
         base = Recipe.load(recipe_path or MODELS["smollm2"])
-        recipe = replace(base, model=str(path))
+        # The SmolLM2 recipe's settings on Gemma 3 270M, a base model without a chat template:
+        # healing reads what heal.text auto picks for it (prose), as `hubprune run` would.
+        heal = base.heal and replace(base.heal, text="auto")
+        recipe = replace(base, model=str(path), heal=heal)
     else:
         recipe = Recipe.load(recipe_path or MODELS[model])
     return LayerPruner.from_pretrained(recipe.model, dtype=recipe.dtype), recipe

@@ -350,12 +350,16 @@ def test_a_sigkilled_server_leaves_no_vllm_process_behind(tiny_dirs, tmp_path):
 
 @pytest.mark.vllm
 def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_path):
-    """What hubprune writes loads in vLLM: pruned Qwen3 and Mistral stacks (found, not listed), same greedy tokens."""
+    """What hubprune writes loads in vLLM: a Qwen3 stack without two layers and a Mistral one cut three
+    ways at once (layers, MLP width, 2:4 Wanda zeros stored dense, saved by PrunedModel.save_pretrained;
+    vLLM has no sparse format left to load), the same greedy tokens as transformers."""
     require_vllm()
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
+    from hubprune import LayerPruner
     from hubprune.architecture.surgery import drop_layers
+    from hubprune.config import CalibrationConfig
 
     tokenizer = tiny_tokenizer()
     sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -364,10 +368,16 @@ def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_pa
     folders, prompt = {}, "Once upon a time"
     for name, config in (("qwen3", Qwen3Config(**sizes)), ("mistral", MistralConfig(**sizes))):
         torch.manual_seed(0)
-        pruned = drop_layers(AutoModelForCausalLM.from_config(config).eval(), [2, 3])
-        folders[name] = tmp_path / name
-        pruned.save_pretrained(folders[name])
-        tokenizer.save_pretrained(folders[name])
+        model, folders[name] = AutoModelForCausalLM.from_config(config).eval(), tmp_path / name
+        if name == "qwen3":
+            drop_layers(model, [2, 3]).save_pretrained(folders[name])
+            tokenizer.save_pretrained(folders[name])
+            continue
+        model.save_pretrained(tmp_path / "mistral-src")
+        tokenizer.save_pretrained(tmp_path / "mistral-src")
+        pruner = LayerPruner.from_pretrained(tmp_path / "mistral-src", device="cpu")
+        pruner.calibrate(CalibrationConfig(n_samples=2, seq_len=16))
+        pruner.prune(2, mlp_width=0.75, sparsity="2:4", progress=False).save_pretrained(folders[name])
     server = ServeProcess([f"{n}={p}" for n, p in folders.items()] + ["--engine", "vllm", "--max-model-len", "128",
                                                                       "--log-dir", str(tmp_path / "logs")],
                           log_path=tmp_path / "serve.log").start(timeout=300)
@@ -382,5 +392,9 @@ def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_pa
                 "return_tokens_as_token_ids": True, "logprobs": 1}).json()
             got = [int(t.removeprefix("token_id:")) for t in answer["choices"][0]["logprobs"]["tokens"]]
             assert got == expected, (name, got, expected)
+        cut = AutoModelForCausalLM.from_pretrained(folders["mistral"])
+        assert cut.config.num_hidden_layers == 4 and cut.config.intermediate_size == 96
+        weights = cut.model.layers[0].mlp.up_proj.weight
+        assert ((weights.reshape(weights.shape[0], -1, 4) == 0).sum(-1) >= 2).all()  # served as 2:4 zeros
     finally:
         server.stop()

@@ -40,7 +40,7 @@ from hubprune.config import SPARSITY_METHODS, Sparsity, parse_sparsity
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "dense: zeros stored in place (no sparse tensor format)"
+FORMAT = "dense: zeros stored in place (vLLM has no sparse format left to load)"
 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Module]:
