@@ -27,9 +27,11 @@ from hubprune._version import __version__
 from hubprune.architecture.filesurgery import cut_checkpoint
 from hubprune.config import (
     DTYPES,
+    HEAL_METHODS,
     HEAL_PRECISIONS,
     HEAL_TEXTS,
     METRICS,
+    SPARSITY_METHODS,
     CalibrationConfig,
     ChatDataConfig,
     HealConfig,
@@ -422,7 +424,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="also zero weights of the decoder projections: a fraction such as 0.5, or N:M such as 2:4",
     )
-    prune.add_argument("--sparsity-method", default="wanda", choices=["wanda", "magnitude"])
+    prune.add_argument("--sparsity-method", default="wanda", choices=SPARSITY_METHODS)
     prune.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     prune.set_defaults(func=cmd_prune)
 
@@ -432,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument(
         "--method",
         default="lora",
-        choices=["lora", "qlora"],
+        choices=HEAL_METHODS,
         help="qlora: load the folder in 4-bit NF4 (never in full precision), merge at file level",
     )
     heal.add_argument("--steps", type=int, default=HealConfig.steps)
