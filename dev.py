@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up the project's virtual environment and run its main jobs.
 
-    python3 dev.py demo     # set up .venv, then prune + heal SmolLM2-135M-Instruct, score its answers, compare it with the original
+    python3 dev.py demo     # set up .venv, prune + heal SmolLM2-135M-Instruct to 28 and 24 layers, compare the three
     python3 dev.py test     # set up .venv, then run the test suite (extra args go to pytest)
     python3 dev.py setup    # only set up .venv (and .venv-vllm, the vLLM CPU build the server tests use)
     python3 dev.py attack   # attack a running server with 10,000 generated bad requests; print the report
@@ -103,7 +103,8 @@ def setup_browser() -> None:
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
+        install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+        for command in (["apt-get", "update", "-q"], install):
             print("+", " ".join(command), flush=True)
             subprocess.run(command, check=True, env=env)
     except subprocess.CalledProcessError as err:
@@ -116,15 +117,17 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     setup()
-    if command == "demo":  # prune + heal + card, then serve both models and compare them side by side
-        rc = subprocess.call([BIN / "hubprune", "run", "recipes/smollm2-24l.yaml", "--overwrite"], cwd=ROOT)
-        if rc:
-            return rc
-        # How closely its answers follow the original's (held-out prompts); the compare app shows it too.
-        rc = subprocess.call([BIN / "hubprune", "eval", "out/smollm2-24l", "--chat", "--tasks", ""], cwd=ROOT)
-        if rc:
-            return rc
-        return subprocess.call([BIN / "hubprune", "compare", "HuggingFaceTB/SmolLM2-135M-Instruct", "out/smollm2-24l",
+    if command == "demo":  # prune + heal + card twice, then serve the three models and compare them side by side
+        # The 28-layer cut answers like the original; the 24-layer one is smaller and drifts.
+        # Both heal on the same conversations, written by the original once and cached.
+        cuts = ["out/smollm2-28l", "out/smollm2-24l"]
+        for cut in cuts:
+            rc = subprocess.call([BIN / "hubprune", "run", f"recipes/{Path(cut).name}.yaml", "--overwrite"], cwd=ROOT)
+            # How closely its answers follow the original's (held-out prompts); the compare app shows it too.
+            rc = rc or subprocess.call([BIN / "hubprune", "eval", cut, "--chat", "--tasks", ""], cwd=ROOT)
+            if rc:
+                return rc
+        return subprocess.call([BIN / "hubprune", "compare", "HuggingFaceTB/SmolLM2-135M-Instruct", *cuts,
                                 "--engine", "transformers", *rest], cwd=ROOT)
     if command == "test":
         return subprocess.call([PYTHON, "-m", "pytest", *rest], cwd=ROOT)

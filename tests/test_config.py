@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hubprune.config import CalibrationConfig, PruneConfig, Recipe
@@ -44,6 +46,18 @@ def test_calibration_config_rejects():
         CalibrationConfig(n_samples=0)
     with pytest.raises(TypeError, match="lists of strings"):
         CalibrationConfig(files="notes.txt")
+
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate_and_name_their_output_after_the_file(path):
+    """Each recipe in recipes/ loads, checks itself, and writes to out/<its name> (dev.py demo relies on it)."""
+    recipe = Recipe.load(path)
+    assert recipe.output == f"out/{path.stem}"
+    kept = int(path.stem.rpartition("-")[2].removesuffix("l"))  # smollm2-24l: 24 of SmolLM2's 30 layers kept
+    assert 30 - recipe.prune.count(30) == kept
 
 
 def test_recipe_yaml_round_trip(tmp_path):
