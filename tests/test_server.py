@@ -365,19 +365,16 @@ def test_vllm_serves_pruned_models_with_the_greedy_tokens_of_transformers(tmp_pa
     sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                  num_hidden_layers=6, vocab_size=300, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
                  initializer_range=0.2)
-    folders, prompt = {}, "Once upon a time"
-    for name, config in (("qwen3", Qwen3Config(**sizes)), ("mistral", MistralConfig(**sizes))):
-        torch.manual_seed(0)
-        model, folders[name] = AutoModelForCausalLM.from_config(config).eval(), tmp_path / name
-        if name == "qwen3":
-            drop_layers(model, [2, 3]).save_pretrained(folders[name])
-            tokenizer.save_pretrained(folders[name])
-            continue
-        model.save_pretrained(tmp_path / "mistral-src")
-        tokenizer.save_pretrained(tmp_path / "mistral-src")
-        pruner = LayerPruner.from_pretrained(tmp_path / "mistral-src", device="cpu")
-        pruner.calibrate(CalibrationConfig(n_samples=2, seq_len=16))
-        pruner.prune(2, mlp_width=0.75, sparsity="2:4", progress=False).save_pretrained(folders[name])
+    folders, prompt = {"qwen3": tmp_path / "qwen3", "mistral": tmp_path / "mistral"}, "Once upon a time"
+    torch.manual_seed(0)
+    drop_layers(AutoModelForCausalLM.from_config(Qwen3Config(**sizes)).eval(), [2, 3]).save_pretrained(folders["qwen3"])
+    tokenizer.save_pretrained(folders["qwen3"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(MistralConfig(**sizes)).save_pretrained(tmp_path / "mistral-src")
+    tokenizer.save_pretrained(tmp_path / "mistral-src")
+    pruner = LayerPruner.from_pretrained(tmp_path / "mistral-src", device="cpu")
+    pruner.calibrate(CalibrationConfig(n_samples=2, seq_len=16))
+    pruner.prune(2, mlp_width=0.75, sparsity="2:4", progress=False).save_pretrained(folders["mistral"])
     server = ServeProcess([f"{n}={p}" for n, p in folders.items()] + ["--engine", "vllm", "--max-model-len", "128",
                                                                       "--log-dir", str(tmp_path / "logs")],
                           log_path=tmp_path / "serve.log").start(timeout=300)
