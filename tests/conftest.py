@@ -52,6 +52,11 @@ def tiny_gpt2(num_layers: int = 6, seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=num_layers, vocab_size=300, n_positions=64)).eval()
 
 
+def zeros_per_group(weight: torch.Tensor, m: int = 4) -> torch.Tensor:
+    """How many zeros each group of ``m`` consecutive inputs of each output row holds ([out, in] weights)."""
+    return (weight.reshape(weight.shape[0], -1, m) == 0).sum(-1)
+
+
 def checkpoint_tensors(folder: Path) -> dict:
     """Every tensor of a safetensors checkpoint folder (one file or several shards), by name."""
     from safetensors.torch import load_file
