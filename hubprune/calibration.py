@@ -39,6 +39,7 @@ class TokenWindows:
     texts: list[str]
     source: str
     loss_mask: torch.Tensor | None = None  # [n, seq_len] bool: the tokens healing learns (None: all)
+    prompts: list[str] | None = None  # chat healing's questions (for its on-policy steps)
 
     @property
     def num_tokens(self) -> int:

@@ -164,6 +164,7 @@ def cmd_heal(args) -> int:
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
         text=args.text,
         mix=args.mix,
+        on_policy=args.on_policy,
         chat=ChatDataConfig(prompts=args.chat_prompts, conversations=args.conversations),
         precision=args.precision,
     )
@@ -469,6 +470,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     heal.add_argument(
         "--mix", type=float, default=HealConfig.mix, help="share of prose windows mixed into chat healing"
+    )
+    heal.add_argument(
+        "--on-policy",
+        type=float,
+        default=HealConfig.on_policy,
+        help="share of chat healing steps on answers the pruned model writes itself at that step (GKD)",
     )
     heal.add_argument(
         "--conversations",

@@ -323,6 +323,12 @@ class HealConfig:
     chat for a model whose tokenizer has a chat template, when the original is at hand and no
     healing text was given; prose otherwise.
 
+    ``on_policy`` (chat healing only) is the share of steps whose answers the pruned model writes
+    itself at that step, sampled as the original's were, up to ``on_policy_tokens`` (the first
+    tokens, where it drifts; decoding is the cost); healing learns the original's
+    distribution along them (``hubprune.heal.onpolicy``; Agarwal et al. 2024's GKD). The other
+    steps read the original's conversations.
+
     ``refit`` (on by default) first repairs each gap in closed form (``hubprune.heal.refit``):
     the MLP output projection of the last kept layer before the gap is refit by ridge least
     squares, on ``refit_tokens`` tokens of the healing text, so that the layer's output
@@ -359,6 +365,8 @@ class HealConfig:
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     text: str = "auto"
     mix: float = 0.0
+    on_policy: float = 0.0
+    on_policy_tokens: int = 64
     chat: ChatDataConfig = field(default_factory=ChatDataConfig)
     refit: bool = True
     refit_tokens: int = 32768
@@ -380,6 +388,7 @@ class HealConfig:
             "lora_alpha",
             "checkpoint_every",
             "refit_tokens",
+            "on_policy_tokens",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -402,6 +411,9 @@ class HealConfig:
             raise ValueError(f"heal.text {self.text!r} is unknown; choose one of {', '.join(HEAL_TEXTS)}")
         if isinstance(self.mix, bool) or not isinstance(self.mix, (int, float)) or not 0 <= self.mix < 1:
             raise ValueError(f"heal.mix is the share of prose mixed into chat healing, in [0, 1), got {self.mix!r}")
+        share = self.on_policy
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"heal.on_policy is a share of the steps, in [0, 1], got {share!r}")
         if not isinstance(self.refit, bool):
             raise ValueError(f"heal.refit must be true or false, got {self.refit!r}")
         if not self.refit_ridge > 0:

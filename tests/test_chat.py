@@ -270,6 +270,70 @@ def test_student_answers_add_the_pruned_models_own_greedy_answers(chat_tokenizer
         ChatDataConfig(conversations=4, student_answers=5)
 
 
+def test_on_policy_steps_are_spread_evenly_and_counted():
+    from hubprune.heal.onpolicy import on_policy_count, on_policy_step
+
+    assert [s for s in range(10) if on_policy_step(s, 0.5)] == [1, 3, 5, 7, 9]
+    assert [s for s in range(10) if on_policy_step(s, 0.3)] == [3, 6, 9]
+    assert not any(on_policy_step(s, 0.0) for s in range(10)) and all(on_policy_step(s, 1.0) for s in range(10))
+    for share in (0.0, 0.3, 0.5, 1.0):
+        assert [on_policy_count(s, share) for s in range(11)] == [
+            sum(on_policy_step(k, share) for k in range(s)) for s in range(11)
+        ]
+
+
+def test_an_on_policy_batch_is_the_students_own_answer_after_each_question(chat_tokenizer):
+    from hubprune.heal.onpolicy import on_policy_batch
+
+    student = tiny_llama(num_layers=4, seed=5).train()
+    student.config.use_cache = False
+    prompts = ["Hello there", "Why is the sky blue?", "Tell me about cats, please.", "A question far too long. " * 9]
+    near_greedy = ChatDataConfig(temperature=1e-5)  # sampled as the original's answers are; here all but greedy
+    config = HealConfig(batch_size=4, seq_len=128, on_policy=0.5, on_policy_tokens=10, chat=near_greedy)
+    ids, learn = on_policy_batch(student, chat_tokenizer, prompts, 0, config)
+    assert student.training and student.config.use_cache is False  # put back as it was
+    rendered = {tuple(r): p for r, p in zip(render(chat_tokenizer, prompts, chat=True), prompts)}
+    pad = chat_tokenizer.pad_token_id if chat_tokenizer.pad_token_id is not None else chat_tokenizer.eos_token_id
+    for row, mask in zip(ids.tolist(), learn.tolist()):
+        start, end = mask.index(True), len(mask) - mask[::-1].index(True)
+        assert all(mask[start:end]) and 1 <= end - start <= 10
+        assert tuple(row[:start]) in rendered  # the question, through the template
+        assert all(t == pad for t in row[end:])  # right padding, never learnt
+        greedy = generate(student, chat_tokenizer, [row[:start]], max_new_tokens=10)[0].tokens
+        assert row[start:end] == greedy  # the student's own answer, as it stands now
+    assert on_policy_batch(student, chat_tokenizer, prompts, 0, config)[0].equal(ids)  # seeded: resumable
+    assert not on_policy_batch(student, chat_tokenizer, prompts, 1, config)[0].equal(ids)
+    with pytest.raises(ValueError, match="heal.seq_len"):
+        on_policy_batch(student, chat_tokenizer, prompts, 0, HealConfig(seq_len=16, on_policy=0.5))
+
+
+def test_on_policy_healing_answers_on_the_right_steps_and_records_them(chat_tokenizer, cache, tmp_path, monkeypatch):
+    import hubprune.heal.lora as lora
+    from hubprune.heal.data import healing_windows
+
+    seen = []
+    real = lora.on_policy_batch
+
+    def spy(model, tokenizer, prompts, index, config):
+        seen.append((index, model.training))
+        return real(model, tokenizer, prompts, index, config)
+
+    monkeypatch.setattr(lora, "on_policy_batch", spy)
+    original = tiny_llama(num_layers=6, seed=4)
+    chat = ChatDataConfig(prompts=str(prompt_file(tmp_path)), conversations=8, max_new_tokens=12)
+    config = HealConfig(steps=4, batch_size=2, seq_len=128, distill=1.0, refit=False, on_policy=0.5,
+                        on_policy_tokens=8, chat=chat)
+    _, report = lora.heal_model(tiny_llama(num_layers=6, seed=5), chat_tokenizer, config, teacher=original,
+                                progress=False)
+    assert seen == [(0, True), (1, True)]  # steps 1 and 3, each on the next questions
+    assert report.data["on_policy_steps"] == 2 and report.final_loss == report.final_loss
+    with pytest.raises(ValueError, match="--on-policy 0"):
+        healing_windows(tiny_tokenizer(), config, None, 1, original, progress=False)
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="heal.on_policy"):
+            HealConfig(on_policy=bad)
+
+
 def test_the_originals_answers_are_cached_by_its_weights(chat_tokenizer, cache, monkeypatch):
     model = tiny_llama(seed=7)
     first = reference_answers(model, chat_tokenizer, prompts=["Hello there", "Why?"], max_new_tokens=8,

@@ -84,6 +84,11 @@ def healing_windows(
         needed = max(needed, refit_window_count(config))
     kind, reason = healing_text(config, tokenizer, data, teacher)
     logger.info("healing on %s text: %s", kind, reason)
+    if kind == "prose" and config.on_policy:
+        raise ValueError(
+            f"heal.on_policy needs chat healing, and this run heals on prose ({reason}); "
+            "set heal.on_policy: 0 (--on-policy 0), or heal a chat model with heal.text chat"
+        )
     prose_count = needed if kind == "prose" else round(config.mix * needed)
     prose: TokenWindows | None = None
     if prose_count:
@@ -109,6 +114,7 @@ def healing_windows(
                 windows.texts + prose.texts,
                 f"{windows.source}, mixed with {len(prose.ids)} windows of the {prose.source}",
                 torch.cat([_loss_mask(windows), torch.ones_like(prose.ids, dtype=torch.bool)]),
+                windows.prompts,
             )
     if len(windows.ids) < needed:
         logger.info(
@@ -319,7 +325,8 @@ def chat_windows(tokenizer, conversations: list[dict], n_samples: int, seq_len: 
     source = f"{len(conversations) - own} conversations written by the original" + (
         f" and {own} of its questions answered by the pruned model" if own else ""
     )
-    return TokenWindows(ids, texts, source, loss_mask=mask)
+    prompts = [c["prompt"] for c in conversations if c.get("by") != "pruned"]
+    return TokenWindows(ids, texts, source, loss_mask=mask, prompts=prompts)
 
 
 def _prompt_file(path: str) -> list[str]:

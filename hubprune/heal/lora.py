@@ -34,6 +34,7 @@ from hubprune.config import HealConfig
 from hubprune.eval.scoring import scored_logits
 from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
 from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
+from hubprune.heal.onpolicy import on_policy_batch, on_policy_count, on_policy_step
 from hubprune.heal.refit import can_refit, refit_gaps
 from hubprune.loading import native_bfloat16
 from hubprune.methods.sparsity import apply_masks
@@ -149,6 +150,7 @@ def heal_model(
         start, losses = state["step"], state["losses"]
         logger.info("resuming healing from step %d of %d (%s)", start, config.steps, checkpoint)
 
+    prompts = windows.prompts or []
     peft_model.train()
     bfloat16 = config.precision == "bfloat16" or (config.precision == "auto" and native_bfloat16(accelerator.device))
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bfloat16)
@@ -160,11 +162,19 @@ def heal_model(
         unit="step",
         disable=not progress or not accelerator.is_local_main_process,
     )
-    started = time.perf_counter()
+    started, read = time.perf_counter(), 0  # tokens read by this run's steps (on-policy rows vary in length)
     for step in range(start, config.steps):
         step_loss = 0.0
+        own = on_policy_step(step, config.on_policy)
+        learn: torch.Tensor | None
         for micro in range(config.grad_accum):
-            batch, learn = micro_batch(windows, step * config.grad_accum + micro, config, rank, world)
+            if own:  # the pruned model answers this step's questions itself, as it stands now
+                index = (on_policy_count(step, config.on_policy) * config.grad_accum + micro) * world + rank
+                batch, learn = on_policy_batch(accelerator.unwrap_model(peft_model), tokenizer, prompts, index, config)
+            else:
+                index = (step - on_policy_count(step, config.on_policy)) * config.grad_accum + micro
+                batch, learn = micro_batch(windows, index, config, rank, world)
+            read += batch.numel() * world
             batch, learn = batch.to(accelerator.device), None if learn is None else learn.to(accelerator.device)
             with accelerator.accumulate(peft_model), autocast:
                 loss = healing_loss(peft_model, teacher, batch, config, learn)
@@ -179,7 +189,7 @@ def heal_model(
         losses.append(float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean")))
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{read / elapsed:.0f}")
         if checkpoint is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             if accelerator.is_main_process:
                 _save_checkpoint(
@@ -217,9 +227,9 @@ def heal_model(
     report = HealReport(
         method=config.method + ("+distill" if config.distill else ""),
         steps=config.steps,
-        tokens=config.steps * tokens_per_step,
+        tokens=start * tokens_per_step + read,  # steps before a resume counted as full windows
         seconds=round(seconds, 1),
-        tokens_per_second=round(done * tokens_per_step / seconds, 1) if done else 0.0,
+        tokens_per_second=round(read / seconds, 1) if done else 0.0,
         first_loss=losses[0] if losses else math.nan,
         final_loss=losses[-1] if losses else math.nan,
         resumed_from=start,
@@ -231,6 +241,7 @@ def heal_model(
             "text": "prose" if windows.loss_mask is None else "chat",
             "source": windows.source,
             "windows": len(windows.ids),
+            "on_policy_steps": on_policy_count(config.steps, config.on_policy),
             "tokens": windows.num_tokens,
             "fingerprint": windows.fingerprint(),
         },
