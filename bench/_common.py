@@ -112,9 +112,16 @@ def cut_plans(pruner, n: int) -> dict[str, dict]:
 
 
 # Methods healed as the recipe heals; the others are public layer choices, unhealed.
-HEALED = ("hubprune", "last", "width", "depth+width", "wanda")
+HEALED = ("hubprune", "last", "width", "depth+width", "wanda", "wanda-50", "wanda-2:4")
 # The equal-cut methods: the prune() arguments of bench/width.py's rows at the cut of n layers.
-CUT_ROWS = {"width": "width", "depth+width": "depth+width", "wanda": "wanda-equal"}
+# "wanda-50" and "wanda-2:4" zero a fixed share whatever n is (40 % of the parameters, past any n here).
+CUT_ROWS = {
+    "width": "width",
+    "depth+width": "depth+width",
+    "wanda": "wanda-equal",
+    "wanda-50": "wanda-50",
+    "wanda-2:4": "wanda-2:4",
+}
 
 
 def compared_model(method: str, pruner, recipe, n: int):
@@ -122,7 +129,8 @@ def compared_model(method: str, pruner, recipe, n: int):
     the last n layers healed as the recipe heals ("last"), the recipe itself ("hubprune"), or,
     healed as the recipe heals, a cut of as many parameters as n layers made another way
     ("width": every MLP narrowed; "depth+width": n // 2 layers of the recipe's choice and the
-    MLPs narrowed for the rest; "wanda": as many weights zeroed by Wanda, stored dense).
+    MLPs narrowed for the rest; "wanda": as many weights zeroed by Wanda, stored dense; "wanda-50",
+    "wanda-2:4": half of them, unstructured or two of every four, whatever n is).
     Returns (model, removed layers, healing seconds or None, the healing report or {})."""
     if method == "original":
         return pruner.model, [], None, {}

@@ -4,18 +4,19 @@
 
 For each n: hubprune's recipe (the recipe's layer choice, refit and healing; the recipe's heal
 section with n in place of its count), Gromov et al.'s angular block unhealed, ShortGPT's Block
-Influence unhealed, and the last n layers with the recipe's own healing; and, healed the same
-way, cuts of as many parameters as n layers made otherwise: every MLP narrowed ("width"), n // 2
-layers and the MLPs narrowed for the rest ("depth+width"), or as many weights zeroed by Wanda and
-stored dense ("wanda"; bench/width.py also has 50 % and 2:4). Columns: ARC-Easy, PIQA, HellaSwag
-acc_norm (harness-style, --sample N evenly spaced questions of each) and the share of
-the original's accuracy above chance kept; held-out prose perplexity against the original's;
-chat fidelity on held-out prompts (top-1 agreement with the original's greedy answers, KL, the
-share of answers that loop; plain continuations for a base model); batch-1 greedy decode
-speed against the original's, timed beside the row; and the weights' memory as stored. Prints one table and writes a plot (kept above chance and chat
-agreement against layers removed, one line per method). Rows are saved as they finish (one JSON
-each under --out) and reused by a rerun with the same settings; the table and plot also take the
-saved rows of earlier runs with the same settings (another --n or --methods).
+Influence unhealed, and the last n layers with the recipe's own healing; and, healed the same way,
+cuts of as many parameters as n layers made otherwise: every MLP narrowed ("width"), n // 2 layers
+and the MLPs narrowed for the rest ("depth+width"), or as many weights zeroed by Wanda and stored
+dense ("wanda"); and half of the weights zeroed by Wanda, unstructured or two of every four,
+whatever n is ("wanda-50", "wanda-2:4"). Columns: ARC-Easy, PIQA, HellaSwag acc_norm (harness-style,
+--sample N evenly spaced questions of each) and the share of the original's accuracy above chance
+kept; held-out prose perplexity against the original's; chat fidelity on held-out prompts (top-1
+agreement with the original's greedy answers, KL, the share of answers that loop; plain
+continuations for a base model); batch-1 greedy decode speed against the original's, timed beside
+the row; and the weights' memory as stored. Prints one table and writes a plot (kept above chance
+and chat agreement against layers removed, one line per method). Rows are saved as they finish (one
+JSON each under --out) and reused by a rerun with the same settings; the table and plot also take
+the saved rows of earlier runs with the same settings (another --n or --methods).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ METHODS = {
     "width": "MLP width, the same cut + the same healing",
     "depth+width": "n/2 layers + MLP width + the same healing",
     "wanda": "Wanda zeros, as many (stored dense) + the same healing",
+    "wanda-50": "Wanda 50 % zeros (stored dense) + the same healing",
+    "wanda-2:4": "Wanda 2:4 zeros (stored dense) + the same healing",
 }
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"smollm2": ROOT / "recipes" / "smollm2-24l.yaml", "gemma3": None}
@@ -117,8 +120,9 @@ def what_was_cut(row: dict) -> str:
     parts = [span] if span else []
     if "mlp_width" in cut:
         parts.append(f"MLPs x{cut['mlp_width']:.3f}")
-    if "sparsity" in cut:
-        parts.append(f"{cut['sparsity']:.1%} zeros")
+    if "sparsity" in cut:  # a share, or an N:M pattern
+        sparsity = cut["sparsity"]
+        parts.append(f"{sparsity:.1%} zeros" if isinstance(sparsity, float) else f"{sparsity} zeros")
     return " + ".join(parts) or "-"
 
 
@@ -199,10 +203,16 @@ def main() -> None:
     healed = {"recipe": recipe.to_dict(), "sample": args.sample or None, "tasks": list(TASKS),
               "chat_prompts": args.chat_prompts}
     unhealed = {**healed, "recipe": {k: v for k, v in healed["recipe"].items() if k not in ("heal", "output")}}
+    # The original row outlives any change to the recipe's prune or heal sections.
+    untouched = {**unhealed, "recipe": {k: v for k, v in unhealed["recipe"].items() if k != "prune"}}
+
+    def row_settings(method):
+        return untouched if method == "original" else healed if method in HEALED else unhealed
+
     reference = reference_answers(pruner.model, pruner.tokenizer, n_prompts=args.chat_prompts)
     rows = []
     for method, n in [("original", 0)] + [(m, n) for n in sizes for m in methods]:
-        settings = healed if method in HEALED else unhealed  # an unhealed row outlives a heal change
+        settings = row_settings(method)  # an unhealed row outlives a heal change
         row, _ = saved_row(
             out / f"{method}-{n}.json",
             settings,
@@ -214,7 +224,7 @@ def main() -> None:
     measured = {(r["method"], r["n"]) for r in rows}
     for path in sorted(out.glob("*.json")):  # rows of other runs with the same settings join the table and plot
         row = json.loads(path.read_text())
-        same = row.get("settings") == (healed if row.get("method") in HEALED else unhealed)
+        same = row.get("settings") == row_settings(row.get("method"))
         if same and (row["method"], row["n"]) not in measured:
             rows.append(row)
     print(f"\n{recipe.model}, {pruner.num_layers} layers; chat prompts: {reference.source}\n")
