@@ -1,7 +1,8 @@
 """What a model writes: batched generation through its chat template, and the cache of what it wrote.
 
 - ``render``: prompts -> token ids, through the chat template (ready for the answer) or as plain text.
-- ``generate``: batched generation (left padding, KV cache), greedy or sampled.
+- ``generate``: batched generation (left padding, KV cache), greedy or sampled; ``generating``: a model
+  being trained, ready to generate for a while.
 - ``model_fingerprint``, ``cache_file``, ``write_cache``: generated text is a function of the weights
   and the inputs, so it is cached under ``cache_dir()`` by a fingerprint of the weights: the original's
   answers to the held-out prompts (``hubprune.eval.chat``) and the conversations it writes for
@@ -14,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,20 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     return ids, mask
+
+
+@contextmanager
+def generating(model):
+    """``model`` in eval mode with its KV cache on inside the block, then put back as it was (a model
+    being trained, or kept without a cache for training, can generate in between)."""
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
 
 
 @torch.no_grad()

@@ -283,14 +283,16 @@ def test_on_policy_steps_are_spread_evenly_and_counted():
 
 
 def test_an_on_policy_batch_is_the_students_own_answer_after_each_question(chat_tokenizer):
-    from hubprune.heal.onpolicy import on_policy_batch
+    from hubprune.heal.onpolicy import on_policy_batch, on_policy_questions
 
     student = tiny_llama(num_layers=4, seed=5).train()
     student.config.use_cache = False
     prompts = ["Hello there", "Why is the sky blue?", "Tell me about cats, please.", "A question far too long. " * 9]
     near_greedy = ChatDataConfig(temperature=1e-5)  # sampled as the original's answers are; here all but greedy
     config = HealConfig(batch_size=4, seq_len=128, on_policy=0.5, on_policy_tokens=10, chat=near_greedy)
-    ids, learn = on_policy_batch(student, chat_tokenizer, prompts, 0, config)
+    questions = on_policy_questions(chat_tokenizer, prompts, config.seq_len)
+    assert len(questions) == 3  # the long one leaves no room for an answer
+    ids, learn = on_policy_batch(student, chat_tokenizer, questions, 0, config)
     assert student.training and student.config.use_cache is False  # put back as it was
     rendered = {tuple(r): p for r, p in zip(render(chat_tokenizer, prompts, chat=True), prompts)}
     pad = chat_tokenizer.pad_token_id if chat_tokenizer.pad_token_id is not None else chat_tokenizer.eos_token_id
@@ -301,10 +303,10 @@ def test_an_on_policy_batch_is_the_students_own_answer_after_each_question(chat_
         assert all(t == pad for t in row[end:])  # right padding, never learnt
         greedy = generate(student, chat_tokenizer, [row[:start]], max_new_tokens=10)[0].tokens
         assert row[start:end] == greedy  # the student's own answer, as it stands now
-    assert on_policy_batch(student, chat_tokenizer, prompts, 0, config)[0].equal(ids)  # seeded: resumable
-    assert not on_policy_batch(student, chat_tokenizer, prompts, 1, config)[0].equal(ids)
+    assert on_policy_batch(student, chat_tokenizer, questions, 0, config)[0].equal(ids)  # seeded: resumable
+    assert not on_policy_batch(student, chat_tokenizer, questions, 1, config)[0].equal(ids)
     with pytest.raises(ValueError, match="heal.seq_len"):
-        on_policy_batch(student, chat_tokenizer, prompts, 0, HealConfig(seq_len=16, on_policy=0.5))
+        on_policy_questions(chat_tokenizer, prompts, 16)
 
 
 def test_on_policy_healing_answers_on_the_right_steps_and_records_them(chat_tokenizer, cache, tmp_path, monkeypatch):
@@ -314,9 +316,9 @@ def test_on_policy_healing_answers_on_the_right_steps_and_records_them(chat_toke
     seen = []
     real = lora.on_policy_batch
 
-    def spy(model, tokenizer, prompts, index, config):
+    def spy(model, tokenizer, questions, index, config):
         seen.append((index, model.training))
-        return real(model, tokenizer, prompts, index, config)
+        return real(model, tokenizer, questions, index, config)
 
     monkeypatch.setattr(lora, "on_policy_batch", spy)
     original = tiny_llama(num_layers=6, seed=4)

@@ -10,7 +10,8 @@
   (``hubprune.eval.chat.eval_prompts``) are dropped; given prompts that do are refused.
 - ``chat_windows``: those conversations as token windows with a mask on the answer tokens, the
   only tokens healing learns.
-- ``micro_batch``: which windows a training step reads (a seeded permutation per epoch: resumable).
+- ``micro_batch``: which windows a training step reads (``permuted``: a seeded permutation per epoch,
+  so resumable).
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from tqdm.auto import tqdm
 from hubprune.calibration import TokenWindows, bos_id, calibration_windows, check_disjoint
 from hubprune.config import ChatDataConfig, HealConfig
 from hubprune.eval.chat import eval_prompts
-from hubprune.generation import cache_file, generate, has_chat_template, model_fingerprint, render, write_cache
+from hubprune.generation import (
+    cache_file,
+    generate,
+    generating,
+    has_chat_template,
+    model_fingerprint,
+    render,
+    write_cache,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,13 +158,14 @@ def micro_batch(
     """
     n, size = len(windows.ids), config.batch_size * world
     positions = [index * size + rank * config.batch_size + i for i in range(config.batch_size)]
-    rows = []
-    for position in positions:
-        epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
-        rows.append(order[offset])
-    picked = torch.stack(rows)
+    picked = torch.tensor([permuted(position, n, config.seed) for position in positions])
     return windows.ids[picked], None if windows.loss_mask is None else windows.loss_mask[picked]
+
+
+def permuted(position: int, n: int, seed: int) -> int:
+    """Item ``position`` of passes over ``range(n)``, each pass a permutation seeded by ``seed`` + its number."""
+    epoch, offset = divmod(position, n)
+    return int(torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))[offset])
 
 
 def user_prefix(tokenizer) -> str:
@@ -227,20 +237,16 @@ def student_chat(
 ) -> list[dict]:
     """The same questions answered greedily by the pruned model itself (``ChatDataConfig.student_answers``)."""
     prompts = [c["prompt"] for c in conversations]
-    was_training, use_cache = student.training, student.config.use_cache
-    student.eval()
-    student.config.use_cache = True
-    answers = generate(
-        student,
-        tokenizer,
-        render(tokenizer, prompts, chat=True),
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        progress=progress,
-        desc="answers by the pruned model",
-    )
-    student.train(was_training)
-    student.config.use_cache = use_cache
+    with generating(student):
+        answers = generate(
+            student,
+            tokenizer,
+            render(tokenizer, prompts, chat=True),
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            progress=progress,
+            desc="answers by the pruned model",
+        )
     return [
         {
             "prompt": p,

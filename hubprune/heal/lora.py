@@ -34,7 +34,7 @@ from hubprune.config import HealConfig
 from hubprune.eval.scoring import scored_logits
 from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
 from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
-from hubprune.heal.onpolicy import on_policy_batch, on_policy_count, on_policy_step
+from hubprune.heal.onpolicy import on_policy_batch, on_policy_count, on_policy_questions, on_policy_step
 from hubprune.heal.refit import can_refit, refit_gaps
 from hubprune.loading import native_bfloat16
 from hubprune.methods.sparsity import apply_masks
@@ -150,7 +150,7 @@ def heal_model(
         start, losses = state["step"], state["losses"]
         logger.info("resuming healing from step %d of %d (%s)", start, config.steps, checkpoint)
 
-    prompts = windows.prompts or []
+    questions = on_policy_questions(tokenizer, windows.prompts or [], config.seq_len) if config.on_policy else []
     peft_model.train()
     bfloat16 = config.precision == "bfloat16" or (config.precision == "auto" and native_bfloat16(accelerator.device))
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bfloat16)
@@ -170,7 +170,9 @@ def heal_model(
         for micro in range(config.grad_accum):
             if own:  # the pruned model answers this step's questions itself, as it stands now
                 index = (on_policy_count(step, config.on_policy) * config.grad_accum + micro) * world + rank
-                batch, learn = on_policy_batch(accelerator.unwrap_model(peft_model), tokenizer, prompts, index, config)
+                batch, learn = on_policy_batch(
+                    accelerator.unwrap_model(peft_model), tokenizer, questions, index, config
+                )
             else:
                 index = (step - on_policy_count(step, config.on_policy)) * config.grad_accum + micro
                 batch, learn = micro_batch(windows, index, config, rank, world)

@@ -8,6 +8,7 @@ such answers instead of the cached conversations (GKD's lambda); the loss stays
 ``hubprune.heal.lora.healing_loss`` on the answer tokens.
 
 - ``on_policy_step``: whether a step is one (spread evenly, a function of the step: resumable).
+- ``on_policy_questions``: the healing questions that leave room for an answer, tokenised once.
 - ``on_policy_batch``: the pruned model samples answers to the step's questions; right-padded ids
   and the mask of the answer tokens.
 """
@@ -19,7 +20,8 @@ import math
 import torch
 
 from hubprune.config import HealConfig
-from hubprune.generation import generate, render
+from hubprune.generation import generate, generating, render
+from hubprune.heal.data import permuted
 
 
 def on_policy_step(step: int, share: float) -> bool:
@@ -32,33 +34,34 @@ def on_policy_count(step: int, share: float) -> int:
     return math.floor(step * share)
 
 
-@torch.no_grad()
-def on_policy_batch(
-    model, tokenizer, prompts: list[str], index: int, config: HealConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, learn) of on-policy batch ``index``: ``config.batch_size`` of ``prompts`` (those that fill at
-    most half a window, in a seeded order per pass) answered by ``model`` now, through the chat
-    template, sampled as the original's answers were (``config.chat``'s temperature and top_p), up
-    to ``config.on_policy_tokens``. Right-padded to the longest row; ``learn`` marks the answer
-    tokens (the end token included when one came), so padding after an answer is never scored and
-    never seen by it."""
-    questions = [ids for ids in render(tokenizer, prompts, chat=True) if len(ids) <= config.seq_len // 2]
-    if not questions:  # a question takes at most half a window, leaving the rest for the answer
+def on_policy_questions(tokenizer, prompts: list[str], seq_len: int) -> list[list[int]]:
+    """The questions an on-policy step can ask: ``prompts`` through the chat template, those that fill
+    at most half of a ``seq_len`` window (the rest is for the answer). Done once, before the steps."""
+    questions = [ids for ids in render(tokenizer, prompts, chat=True) if len(ids) <= seq_len // 2]
+    if not questions:
         raise ValueError(
             f"none of the {len(prompts)} chat healing questions fits in half of heal.seq_len "
-            f"({config.seq_len} tokens); raise heal.seq_len or set heal.on_policy: 0"
+            f"({seq_len} tokens); raise heal.seq_len or set heal.on_policy: 0"
         )
-    size, n = config.batch_size, len(questions)
-    inputs = []
-    for position in range(index * size, (index + 1) * size):
-        epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + 7919 + epoch))
-        inputs.append(questions[order[offset]])
+    return questions
+
+
+@torch.no_grad()
+def on_policy_batch(
+    model, tokenizer, questions: list[list[int]], index: int, config: HealConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, learn) of on-policy batch ``index``: ``config.batch_size`` of ``questions``
+    (``on_policy_questions``, in a seeded order per pass) answered by ``model`` now, sampled as the
+    original's answers were (``config.chat``'s temperature and top_p), up to
+    ``config.on_policy_tokens``. Right-padded to the longest row; ``learn`` marks the answer tokens
+    (the end token included when one came), so padding after an answer is never scored and never
+    seen by it."""
+    size = config.batch_size
+    inputs = [
+        questions[permuted(p, len(questions), config.seed + 7919)] for p in range(index * size, (index + 1) * size)
+    ]
     room = config.seq_len - max(map(len, inputs))
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True
-    try:
+    with generating(model):
         answers = generate(
             model,
             tokenizer,
@@ -69,9 +72,6 @@ def on_policy_batch(
             batch_size=size,
             seed=config.seed + 104729 * (index + 1),
         )
-    finally:
-        model.train(was_training)
-        model.config.use_cache = use_cache
     rows = [p + a.tokens for p, a in zip(inputs, answers)]
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
