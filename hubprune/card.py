@@ -480,12 +480,16 @@ def _refit_rows(refit: dict) -> list[tuple[str, str]]:
     ]
 
 
+_DIVERGENCES = {"forward": "KL", "reverse": "reverse KL", "jsd": "Jensen-Shannon"}
+
+
 def _method_text(h: dict) -> str:
     c = h.get("config", {})
     text = "QLoRA (4-bit NF4)" if c.get("method") == "qlora" else "LoRA"
     if c.get("distill"):
         text += (
-            f" with distillation from the original (KL weight {c['distill']}, temperature {c.get('temperature', 1.0)})"
+            f" with distillation from the original ({_DIVERGENCES[c.get('divergence', 'forward')]} weight"
+            f" {c['distill']}, temperature {c.get('temperature', 1.0)})"
         )
     return text
 

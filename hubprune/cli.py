@@ -27,6 +27,7 @@ from hubprune._version import __version__
 from hubprune.architecture.filesurgery import cut_checkpoint
 from hubprune.config import (
     DTYPES,
+    HEAL_DIVERGENCES,
     HEAL_METHODS,
     HEAL_PRECISIONS,
     HEAL_TEXTS,
@@ -159,6 +160,7 @@ def cmd_heal(args) -> int:
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         distill=args.distill,
+        divergence=args.divergence,
         keep_adapter=args.keep_adapter,
         refit=not args.no_refit,
         data=CalibrationConfig(files=args.data, dataset=args.dataset, corpus=args.corpus),
@@ -470,6 +472,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     heal.add_argument(
         "--mix", type=float, default=HealConfig.mix, help="share of prose windows mixed into chat healing"
+    )
+    heal.add_argument(
+        "--divergence",
+        default=HealConfig.divergence,
+        choices=HEAL_DIVERGENCES,
+        help="distillation term: forward KL(original || pruned), reverse KL(pruned || original) or jsd",
     )
     heal.add_argument(
         "--on-policy",

@@ -249,6 +249,7 @@ class PruneConfig:
 
 HEAL_METHODS = ("lora", "qlora")
 HEAL_TEXTS = ("auto", "chat", "prose")
+HEAL_DIVERGENCES = ("forward", "reverse", "jsd")
 HEAL_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -312,6 +313,8 @@ class HealConfig:
 
     ``distill`` is the weight of the KL term between the original model's and the pruned
     model's token distributions (0: language-modelling loss only; 1: distillation only).
+    ``divergence`` picks that term: ``forward`` KL(original || pruned), the default; ``reverse``
+    KL(pruned || original), mode-seeking; ``jsd``, Jensen-Shannon (``hubprune.heal.lora.divergence``).
     ``data`` names the healing text; with no texts, files or dataset it is the default
     corpus's *train* split, which never overlaps its calibration or held-out splits (its
     ``seq_len`` and ``n_samples`` are not used: ``steps`` decides how much text is read).
@@ -361,6 +364,7 @@ class HealConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
     distill: float = 0.0
+    divergence: str = "forward"
     temperature: float = 1.0
     data: CalibrationConfig = field(default_factory=CalibrationConfig)
     text: str = "auto"
@@ -403,6 +407,10 @@ class HealConfig:
             raise ValueError(f"heal.lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.temperature <= 0:
             raise ValueError(f"heal.temperature must be positive, got {self.temperature}")
+        if self.divergence not in HEAL_DIVERGENCES:
+            raise ValueError(
+                f"heal.divergence {self.divergence!r} is unknown; choose one of {', '.join(HEAL_DIVERGENCES)}"
+            )
         if self.precision not in HEAL_PRECISIONS:
             raise ValueError(
                 f"heal.precision {self.precision!r} is unknown; choose one of {', '.join(HEAL_PRECISIONS)}"

@@ -88,6 +88,9 @@ def test_card_with_evaluation_and_healing(tiny_model_dir, tmp_path):
             "0.30)") in text
     assert "It was not healed" not in text
     assert "base_model" not in card.data.to_dict()  # a local folder is no Hub id: not claimed as base_model
+    record.healing["config"]["divergence"] = "reverse"
+    record.save(folder)
+    assert "distillation from the original (reverse KL weight 0.5" in str(render_card(folder, "alice/tiny"))
 
 
 def test_edited_readme_is_detected(tiny_model_dir, tmp_path):

@@ -4,6 +4,7 @@ models with a chat template, and the real SmolLM2."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -204,6 +205,35 @@ def test_the_loss_mask_limits_both_terms_to_the_learnt_tokens():
     assert torch.allclose(healing_loss(model, teacher, batch, HealConfig(distill=1.0), learn), kl, atol=1e-5)
     nothing = healing_loss(model, teacher, batch, HealConfig(distill=0.5), torch.zeros_like(learn))
     assert nothing.item() == 0.0
+
+
+def test_the_divergences_are_the_named_ones_and_train_the_student():
+    from hubprune.heal.lora import divergence, healing_loss
+
+    torch.manual_seed(0)
+    teacher_logits, logits = torch.randn(5, 11) * 3, (torch.randn(5, 11) * 3).requires_grad_()
+    p, q = teacher_logits.softmax(-1), logits.softmax(-1)
+    kl = lambda a, b: (a * (a.log() - b.log())).sum()  # noqa: E731
+    m = (p + q) / 2
+    assert torch.allclose(divergence(teacher_logits, logits, "forward"), kl(p, q), atol=1e-5)
+    assert torch.allclose(divergence(teacher_logits, logits, "reverse"), kl(q, p), atol=1e-5)
+    jsd = divergence(teacher_logits, logits, "jsd")
+    assert torch.allclose(jsd, (kl(p, m) + kl(q, m)) / 2, atol=1e-5)
+    assert 0 < jsd < 5 * math.log(2)  # at most log 2 a row
+    for kind in ("forward", "reverse", "jsd"):
+        assert divergence(teacher_logits, teacher_logits.clone(), kind).abs() < 1e-5
+        (grad,) = torch.autograd.grad(divergence(teacher_logits, logits, kind), logits)
+        assert grad.abs().sum() > 0  # the student's side carries the gradient, whichever term
+    with pytest.raises(ValueError, match="heal.divergence"):
+        HealConfig(divergence="kl")
+
+    model, teacher = tiny_llama(seed=0), tiny_llama(seed=1)
+    batch = torch.randint(3, 300, (2, 16))
+    learn = torch.zeros(2, 16, dtype=torch.bool)
+    learn[:, 10:] = True
+    student, target = model(input_ids=batch).logits[:, 9:15].flatten(0, 1), teacher(input_ids=batch).logits[:, 9:15]
+    reverse = healing_loss(model, teacher, batch, HealConfig(distill=1.0, divergence="reverse"), learn)
+    assert torch.allclose(reverse, divergence(target.flatten(0, 1), student, "reverse") / 12, atol=1e-5)
 
 
 def test_scored_logits_gather_before_the_head_and_give_the_same_loss_and_gradient():

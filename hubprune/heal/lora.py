@@ -3,9 +3,10 @@
 With ``refit`` (the default, when the removed layers and the original are known), each gap
 is first repaired in closed form (``hubprune.heal.refit``); LoRA training then starts from there.
 The loss is ``(1 - distill) * LM + distill * T^2 * KL(teacher || student)`` on the token
-distributions at temperature T; the teacher (the unpruned original) runs once per batch
-without gradients. Training runs on one device or, under ``accelerate launch``, on
-several (gradients all-reduced, each process reading its own share of every batch).
+distributions at temperature T (``heal.divergence`` picks reverse KL or Jensen-Shannon instead);
+the teacher (the unpruned original) runs once per batch without gradients. Training runs on one
+device or, under ``accelerate launch``, on several (gradients all-reduced, each process reading
+its own share of every batch).
 Checkpoints (the LoRA weights, optimizer, scheduler and step) are written atomically
 every ``checkpoint_every`` steps; a rerun with the same config resumes from the last one.
 """
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hubprune.architecture.families import family_of
 from hubprune.calibration import TokenWindows, check_disjoint
-from hubprune.config import HealConfig
+from hubprune.config import HEAL_DIVERGENCES, HealConfig
 from hubprune.eval.scoring import scored_logits
 from hubprune.heal.data import healing_windows, micro_batch, refit_window_count
 from hubprune.heal.fourbit import is_4bit, quantized_copy, require_qlora
@@ -268,7 +269,9 @@ def _own_base_weights(peft_model: nn.Module) -> None:
 def healing_loss(
     model, teacher, batch: torch.Tensor, config: HealConfig, learn: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(1 - distill) * LM + distill * T^2 * KL(teacher || model)`` of one batch, per learnt token."""
+    """``(1 - distill) * LM + distill * T^2 * D(teacher, model)`` of one batch, per learnt token.
+
+    D is ``config.divergence`` (see ``divergence``)."""
     # `learn` ([B, T] bool, None for all): the tokens to learn; position t is scored when token t+1 is one.
     scored = torch.ones_like(batch, dtype=torch.bool) if learn is None else learn
     scored = F.pad(scored[:, 1:], (0, 1), value=False)  # the last position predicts nothing
@@ -281,8 +284,29 @@ def healing_loss(
     with torch.no_grad():
         target = scored_logits(teacher, scored, input_ids=batch)
     t = config.temperature
-    kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(target / t, -1), log_target=True, reduction="sum")
-    return (1 - config.distill) * lm + config.distill * kl / count * t * t  # per scored token
+    d = divergence(target / t, logits / t, config.divergence)
+    return (1 - config.distill) * lm + config.distill * d / count * t * t  # per scored token
+
+
+def divergence(teacher_logits: torch.Tensor, logits: torch.Tensor, kind: str = "forward") -> torch.Tensor:
+    """The divergence of the model's next-token distributions ``q`` from the teacher's ``p``,
+    summed over the rows of the ``[N, V]`` logits.
+
+    ``forward`` is KL(p || q), which spreads q over everything p allows (the classic distillation
+    loss); ``reverse`` is KL(q || p), which pulls q onto p's main modes (MiniLLM, Gu et al. 2024);
+    ``jsd`` is the Jensen-Shannon divergence with the mixture m = (p + q) / 2 (GKD's beta 0.5,
+    Agarwal et al. 2024), between the two.
+    """
+    log_p = F.log_softmax(teacher_logits, -1)
+    log_q = F.log_softmax(logits, -1)
+    if kind == "forward":
+        return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    if kind == "reverse":
+        return (log_q.exp() * (log_q - log_p)).sum()
+    if kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
+        return (log_p.exp() * (log_p - log_m)).sum() / 2 + (log_q.exp() * (log_q - log_m)).sum() / 2
+    raise ValueError(f"heal.divergence {kind!r} is unknown; choose one of {', '.join(HEAL_DIVERGENCES)}")
 
 
 def _refit(
