@@ -480,7 +480,9 @@ def _refit_rows(refit: dict) -> list[tuple[str, str]]:
     ]
 
 
-_DIVERGENCES = {"forward": "KL", "reverse": "reverse KL", "jsd": "Jensen-Shannon"}
+def _divergence_name(config: dict) -> str:
+    name = config.get("divergence", "forward")  # records written before heal.divergence: forward KL
+    return {"forward": "KL", "reverse": "reverse KL", "jsd": "Jensen-Shannon"}.get(name, name)
 
 
 def _method_text(h: dict) -> str:
@@ -488,7 +490,7 @@ def _method_text(h: dict) -> str:
     text = "QLoRA (4-bit NF4)" if c.get("method") == "qlora" else "LoRA"
     if c.get("distill"):
         text += (
-            f" with distillation from the original ({_DIVERGENCES[c.get('divergence', 'forward')]} weight"
+            f" with distillation from the original ({_divergence_name(c)} weight"
             f" {c['distill']}, temperature {c.get('temperature', 1.0)})"
         )
     return text

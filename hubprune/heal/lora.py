@@ -304,7 +304,7 @@ def divergence(teacher_logits: torch.Tensor, logits: torch.Tensor, kind: str = "
     if kind == "reverse":
         return (log_q.exp() * (log_q - log_p)).sum()
     if kind == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p, log_q]), 0) - math.log(2)
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)  # no stacked copy of the [N, V] logits
         return (log_p.exp() * (log_p - log_m)).sum() / 2 + (log_q.exp() * (log_q - log_m)).sum() / 2
     raise ValueError(f"heal.divergence {kind!r} is unknown; choose one of {', '.join(HEAL_DIVERGENCES)}")
 
