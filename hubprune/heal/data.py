@@ -220,11 +220,7 @@ def self_chat(
         progress=progress,
         desc="answers by the original",
     )
-    conversations = [
-        {"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(), "finished": a.finished}
-        for p, a in zip(prompts, answers)
-    ]
-    conversations = [c for c in conversations if c["answer"]]
+    conversations = [c for c in _conversations(tokenizer, prompts, answers) if c["answer"]]
     if cache:
         write_cache(path, {"key": key, "config": asdict(config), "conversations": conversations})
         logger.info("chat healing set (%d conversations) cached in %s", len(conversations), path)
@@ -247,13 +243,13 @@ def student_chat(
             progress=progress,
             desc="answers by the pruned model",
         )
+    return [{**c, "by": "pruned"} for c in _conversations(tokenizer, prompts, answers)]
+
+
+def _conversations(tokenizer, prompts: list[str], answers: list) -> list[dict]:
+    """The records of the healing set: each prompt with its generated answer as text, and whether it ended."""
     return [
-        {
-            "prompt": p,
-            "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(),
-            "finished": a.finished,
-            "by": "pruned",
-        }
+        {"prompt": p, "answer": tokenizer.decode(a.tokens, skip_special_tokens=True).strip(), "finished": a.finished}
         for p, a in zip(prompts, answers)
     ]
 
